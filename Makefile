@@ -1,0 +1,33 @@
+# Set-up is part of every target: a fresh machine needs only `make run` or `make test`.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PYTHON ?= python3
+
+.PHONY: install run test test-fast bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# the CPU build of torch on disk first, so pip never pulls a multi-GB CUDA build
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev,scale]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The main job: the DVC pipeline on the embedded defaults (conf/params.yaml).
+run: $(STAMP)
+	$(VENV)/bin/dvc repro
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow"
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_env.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,53 @@
+"""`dntsync <command>`: one command per pipeline stage.
+
+Every command reads `conf/params.yaml` (or `--params FILE`), overlays `--config FILE`s and
+dotted `--set key=value` overrides, and validates the result before doing any work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from dntsync.config import ConfigError, load_config
+
+# command -> stage module; each module has `run(cfg, args)` and may have `add_arguments(parser)`.
+COMMANDS = {
+    "generate": "dntsync.stages.generate",
+    "show-config": "dntsync.stages.show_config",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dntsync", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        doc = (module.__doc__ or "").strip().splitlines()
+        p = sub.add_parser(name, help=doc[0] if doc else name, description=module.__doc__)
+        p.add_argument("--params", default="conf/params.yaml", help="base parameter file")
+        p.add_argument("--config", action="append", default=[], metavar="FILE",
+                       help="extra YAML overlay (e.g. a tuned-params file); repeatable")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                       help="dotted override, e.g. --set scenario.n_users=20; repeatable")
+        if hasattr(module, "add_arguments"):
+            module.add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.params, args.overrides, args.config)
+    except ConfigError as err:
+        print(f"dntsync {args.command}: bad configuration: {err}", file=sys.stderr)
+        return 2
+    result = args._module.run(cfg, args)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,298 @@
+"""One typed, validated configuration, loaded from `conf/params.yaml` (the file DVC reads).
+
+Every knob of the pipeline lives in one `Config` made of small section dataclasses. Loading
+checks unknown keys, types and ranges before any work is done; each error names the dotted
+key, the bad value and what is allowed. Dotted overrides (`--set scenario.n_users=20`) are
+parsed as YAML scalars and applied before validation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from dntsync.network.scenario import ConfigError, Scenario
+
+DEFAULT_PARAMS = Path("conf/params.yaml")
+
+
+def _need(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} = {value!r} is invalid: {allowed}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The twin's trajectory data set (SPEC.md: 2,000 trajectories of T = 30 steps)."""
+
+    n_trajectories: int = 2000
+    split: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train / validation / test
+    path: str = "data/trajectories.npz"
+
+    def validate(self, key: str = "data") -> None:
+        _need(self.n_trajectories >= 3, f"{key}.n_trajectories", self.n_trajectories,
+              "need at least 3 (one per split)")
+        _need(len(self.split) == 3 and all(f > 0 for f in self.split)
+              and abs(sum(self.split) - 1.0) < 1e-9,
+              f"{key}.split", self.split, "need three positive fractions summing to 1")
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    """The multi-agent environment (eqs. 7, 16, 17)."""
+
+    # "full": per user (x, y, covered) plus last-upload-succeeded and slots since the last
+    # successful upload; "positions_only": the paper's local state alone (SPEC.md).
+    observation: Literal["full", "positions_only"] = "full"
+    # The twin's predictor of s-hat_t when no upload comes: "gru" loads `twin_checkpoint`.
+    predictor: Literal["hold-last", "drift", "gru"] = "gru"
+    twin_checkpoint: str = "models/twin.ckpt"
+    # When predictor is "gru" and the checkpoint is missing: fall back to this one (stated in
+    # the run's params) or fail.
+    predictor_fallback: Literal["hold-last", "drift", "none"] = "hold-last"
+
+    def validate(self, key: str = "env") -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class TwinConfig:
+    """The GRU digital twin (eqs. 9-14)."""
+
+    window: int = 5  # K: DNT statuses fed to the GRU
+    hidden: int = 128  # N^h
+    num_layers: int = 1
+    lr: float = 1e-3  # lambda_G
+    batch_size: int = 256
+    max_epochs: int = 60
+    patience: int = 6  # early stopping on validation loss
+    # Train also on windows whose inputs are partly the twin's own earlier predictions, since
+    # in the environment the twin runs on its own outputs whenever no upload comes.
+    self_feeding: bool = True
+    self_feeding_max_steps: int = 10
+    eval_horizon: int = 10  # multi-step error reported for h = 1..eval_horizon
+    checkpoint: str = "models/twin.ckpt"
+    metrics: str = "metrics/twin.json"
+
+    def validate(self, key: str = "twin") -> None:
+        _need(self.window >= 1, f"{key}.window", self.window, "need K >= 1")
+        _need(self.hidden >= 1, f"{key}.hidden", self.hidden, "need N^h >= 1")
+        _need(self.num_layers >= 1, f"{key}.num_layers", self.num_layers, "need >= 1")
+        _need(0 < self.lr < 1, f"{key}.lr", self.lr, "need 0 < lambda_G < 1")
+        _need(self.batch_size >= 1, f"{key}.batch_size", self.batch_size, "need >= 1")
+        _need(self.max_epochs >= 1, f"{key}.max_epochs", self.max_epochs, "need >= 1")
+        _need(self.patience >= 1, f"{key}.patience", self.patience, "need >= 1")
+        _need(self.self_feeding_max_steps >= 0, f"{key}.self_feeding_max_steps",
+              self.self_feeding_max_steps, "need >= 0")
+        _need(self.eval_horizon >= 1, f"{key}.eval_horizon", self.eval_horizon, "need >= 1")
+
+
+@dataclass(frozen=True)
+class MarlConfig:
+    """The VDN / IQL learners (Sec. III-C/D, Algorithm 2, Table II)."""
+
+    algo: Literal["vdn", "iql"] = "vdn"
+    epochs: int = 75  # G
+    gamma: float = 0.2
+    lr: float = 1e-4  # lambda_Q
+    hidden: int = 128  # theta^h
+    head: Literal["flat", "factorised"] = "flat"
+    episodes_per_epoch: int = 32  # D, collected with epsilon-greedy each epoch
+    batches_per_epoch: int = 8
+    batch_size: int = 32  # episodes per minibatch
+    buffer_capacity: int = 2000  # episodes
+    epsilon_start: float = 1.0
+    epsilon_end: float = 0.05
+    epsilon_decay_epochs: int = 50
+    target_update_epochs: int = 2
+    double_q: bool = True
+    grad_clip: float = 10.0
+    eval_every: int = 5
+    eval_episodes: int = 32
+    eval_seed: int = 10_000  # evaluation seeds are eval_seed + i, never training seeds
+    seeds: tuple[int, ...] = (0, 1, 2)
+
+    def validate(self, key: str = "marl") -> None:
+        _need(self.epochs >= 1, f"{key}.epochs", self.epochs, "need G >= 1")
+        _need(0 <= self.gamma < 1, f"{key}.gamma", self.gamma, "need 0 <= gamma < 1")
+        _need(0 < self.lr < 1, f"{key}.lr", self.lr, "need 0 < lambda_Q < 1")
+        _need(self.hidden >= 1, f"{key}.hidden", self.hidden, "need >= 1")
+        for name in ("episodes_per_epoch", "batches_per_epoch", "batch_size", "buffer_capacity",
+                     "epsilon_decay_epochs", "target_update_epochs", "eval_every",
+                     "eval_episodes"):
+            _need(getattr(self, name) >= 1, f"{key}.{name}", getattr(self, name), "need >= 1")
+        _need(self.buffer_capacity >= self.batch_size, f"{key}.buffer_capacity",
+              self.buffer_capacity, f"need >= batch_size ({self.batch_size})")
+        for name in ("epsilon_start", "epsilon_end"):
+            _need(0 <= getattr(self, name) <= 1, f"{key}.{name}", getattr(self, name),
+                  "need 0 <= epsilon <= 1")
+        _need(self.grad_clip > 0, f"{key}.grad_clip", self.grad_clip, "need > 0")
+        _need(len(self.seeds) >= 1, f"{key}.seeds", self.seeds, "need at least one seed")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Where runs are recorded (MLflow); the embedded default needs no server."""
+
+    mlflow_uri: str = "sqlite:///mlflow.db"
+    experiment_prefix: str = "dntsync"
+
+    def validate(self, key: str = "tracking") -> None:
+        _need(bool(self.mlflow_uri), f"{key}.mlflow_uri", self.mlflow_uri, "need a URI")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole pipeline's configuration. `seed` fixes every random stream of a run."""
+
+    seed: int = 0
+    scenario: Scenario = field(default_factory=Scenario)
+    data: DataConfig = field(default_factory=DataConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    twin: TwinConfig = field(default_factory=TwinConfig)
+    marl: MarlConfig = field(default_factory=MarlConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def validate(self) -> None:
+        _need(self.seed >= 0, "seed", self.seed, "need seed >= 0")
+        self.scenario.validate()
+        for name in ("data", "env", "twin", "marl", "tracking"):
+            getattr(self, name).validate(name)
+
+    def to_dict(self) -> dict:
+        return to_plain(self)
+
+    def section_hash(self, *sections: str) -> str:
+        """A short, stable hash of the named sections (e.g. to tie a data set to its config)."""
+        plain = {name: to_plain(getattr(self, name)) for name in sections}
+        return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------- building from dicts
+def to_plain(obj: Any) -> Any:
+    """Dataclasses and tuples to plain dicts and lists (YAML/JSON-ready)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (tuple, list)):
+        return [to_plain(v) for v in obj]
+    return obj
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        _need(isinstance(value, dict), key, value, f"need a mapping of {hint.__name__} fields")
+        return _build(hint, value, key)
+    if origin is Literal:
+        _need(value in args, key, value, f"need one of {list(args)}")
+        return value
+    if origin in (tuple, list):
+        _need(isinstance(value, (list, tuple)), key, value, "need a list")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            _need(len(value) == len(args), key, value, f"need a list of {len(args)} items")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        inner = args[0] if args else Any
+        return tuple(_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key} = {value!r} is invalid: need {hint}")
+    if hint is bool:
+        _need(isinstance(value, bool), key, value, "need true or false")
+        return value
+    if hint is int:
+        _need(isinstance(value, int) and not isinstance(value, bool), key, value, "need an integer")
+        return value
+    if hint is float:
+        _need(isinstance(value, (int, float)) and not isinstance(value, bool), key, value,
+              "need a number")
+        return float(value)
+    if hint is str:
+        _need(isinstance(value, str), key, value, "need a string")
+        return value
+    if hint is type(None):
+        _need(value is None, key, value, "need null")
+        return None
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown key(s) {[where + k for k in unknown]}; allowed: {sorted(names)}"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {k!r} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`'scenario.n_users=20'` -> `('scenario.n_users', 20)`; the value is a YAML scalar."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw)
+
+
+def merge(base: dict, extra: dict) -> dict:
+    """Recursive dict merge, `extra` winning."""
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def from_dict(data: dict | None) -> Config:
+    cfg = _build(Config, data or {}, "")
+    cfg.validate()
+    return cfg
+
+
+def load_config(
+    path: str | Path | None = DEFAULT_PARAMS,
+    overrides: typing.Sequence[str] = (),
+    extra_files: typing.Sequence[str | Path] = (),
+) -> Config:
+    """Load `path` (absent -> embedded defaults), merge `extra_files`, apply dotted overrides."""
+    data: dict = {}
+    if path is not None and Path(path).exists():
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    elif path is not None and Path(path) != DEFAULT_PARAMS:
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    for extra in extra_files:
+        if not Path(extra).exists():
+            raise ConfigError(f"config file {str(extra)!r} does not exist")
+        data = merge(data, yaml.safe_load(Path(extra).read_text()) or {})
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(data, key, value)
+    return from_dict(data)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

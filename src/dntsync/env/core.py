@@ -1,0 +1,158 @@
+"""The multi-agent DNT environment, batched: one object steps many environments at once.
+
+Timing (SPEC.md, "at episode start the DNT is synchronised"): an episode is a trajectory
+s_0 .. s_T. At reset the DNT holds s_0 and its history is s_0 repeated K times; users then
+move to s_1 and the first decision is taken. In slot t = 1..T every BS observes s_t in its
+coverage, the twin predicts s-hat_t from the K last DNT statuses, the BSs choose uploads and
+users, Algorithm 1 allocates RBs, eq. (7) sets s-bar_t, and the rewards (eqs. 16, 37) follow;
+then users move to s_{t+1}. All environments of a batch share the episode clock.
+
+Each random part has its own seeded stream (initial positions, moves, fading), so runs are
+reproducible part by part; `reset(seed=...)` re-seeds all three.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from dntsync.env.actions import decode
+from dntsync.env.predictors import HoldLast, Predictor
+from dntsync.env.step import Outcome, resolve
+from dntsync.network.mobility import initial_positions, move_probabilities, step_positions
+from dntsync.network.radio import coverage, draw_fading
+from dntsync.network.scenario import Scenario
+
+OBSERVATIONS = ("full", "positions_only")
+
+
+@dataclass(frozen=True)
+class SlotState:
+    """Everything about the current slot before the BSs act (what an oracle may see)."""
+
+    t: int  # decisions already taken this episode (0 .. T-1)
+    user_xy: np.ndarray  # [B, U, 2] s_t
+    covered: np.ndarray  # [B, M, U] bool: the action masks
+    fade_user: np.ndarray  # [B, M, U]
+    fade_cloud: np.ndarray  # [B, M]
+    prediction: np.ndarray  # [B, U, 2] s-hat_t
+
+
+@dataclass(frozen=True)
+class StepResult:
+    obs: np.ndarray  # [B, M, obs_dim] float32, for the next slot
+    covered: np.ndarray  # [B, M, U] bool, the next slot's masks
+    team_reward: np.ndarray  # [B] eq. (16)
+    local_rewards: np.ndarray  # [B, M] eq. (37)
+    done: bool  # the episode clock reached T
+    outcome: Outcome  # the whole slot (allocation, rates, DNT status)
+    info: dict[str, np.ndarray]  # per-environment step metrics
+
+
+class DntEnv:
+    """M BS agents over `n_envs` independent copies of the scenario."""
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        predictor: Predictor | None = None,
+        n_envs: int = 1,
+        seed: int = 0,
+        observation: str = "full",
+    ) -> None:
+        if n_envs < 1:
+            raise ValueError(f"n_envs = {n_envs} is invalid: need >= 1")
+        if observation not in OBSERVATIONS:
+            raise ValueError(f"observation = {observation!r} is invalid: choose from {OBSERVATIONS}")
+        self.scenario = scenario
+        self.predictor = predictor if predictor is not None else HoldLast()
+        self.n_envs = n_envs
+        self.observation = observation
+        self.move_probs = move_probabilities(scenario)
+        self._center = (scenario.area_low + scenario.area_high) / 2
+        self._half = (scenario.area_high - scenario.area_low) / 2
+        self._seed(seed)
+        self.state: SlotState | None = None
+
+    # ------------------------------------------------------------------ spaces
+    @property
+    def n_agents(self) -> int:
+        return self.scenario.n_bs
+
+    @property
+    def n_actions(self) -> int:
+        return self.scenario.n_actions
+
+    @property
+    def obs_dim(self) -> int:
+        return 3 * self.scenario.n_users + (2 if self.observation == "full" else 0)
+
+    @property
+    def window(self) -> int:
+        return max(1, int(self.predictor.window))
+
+    # ------------------------------------------------------------------ episode
+    def _seed(self, seed: int) -> None:
+        init, moves, fading = np.random.SeedSequence(seed).spawn(3)
+        self._rng_init = np.random.default_rng(init)
+        self._rng_moves = np.random.default_rng(moves)
+        self._rng_fading = np.random.default_rng(fading)
+
+    def reset(self, seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Start a new episode in every environment; returns `(obs, covered)` of slot 1."""
+        if seed is not None:
+            self._seed(seed)
+        s0 = initial_positions(self.scenario, self._rng_init, (self.n_envs,))
+        self._history = np.repeat(s0[:, None], self.window, axis=1)  # DNT synchronised
+        self._last_ok = np.zeros((self.n_envs, self.n_agents), dtype=bool)
+        self._since_ok = np.zeros((self.n_envs, self.n_agents))
+        self._prepare(0, step_positions(self.scenario, s0, self.move_probs, self._rng_moves))
+        return self.observe(), self.state.covered
+
+    def _prepare(self, t: int, user_xy: np.ndarray) -> None:
+        fade_user, fade_cloud = draw_fading(self.scenario, self._rng_fading, (self.n_envs,))
+        self.state = SlotState(
+            t=t, user_xy=user_xy, covered=coverage(self.scenario, user_xy),
+            fade_user=fade_user, fade_cloud=fade_cloud,
+            prediction=np.asarray(self.predictor.predict(self._history), dtype=np.float64),
+        )
+
+    def observe(self) -> np.ndarray:
+        """Local observation of every BS, `[B, M, obs_dim]`, scaled to about [-1, 1]."""
+        st = self.state
+        scaled = (st.user_xy - self._center) / self._half  # [B, U, 2]
+        seen = np.where(st.covered[..., None], scaled[:, None], 0.0)  # [B, M, U, 2]
+        per_user = np.concatenate([seen, st.covered[..., None]], axis=-1)
+        parts = [per_user.reshape(self.n_envs, self.n_agents, -1)]
+        if self.observation == "full":
+            since = np.minimum(self._since_ok / self.scenario.episode_length, 1.0)
+            parts += [self._last_ok[..., None], since[..., None]]
+        return np.concatenate(parts, axis=-1).astype(np.float32)
+
+    def step(self, actions: np.ndarray) -> StepResult:
+        """Apply `actions[B, M]` (integers in [0, 2^(U+1))); masked bits are dropped."""
+        if self.state is None:
+            raise RuntimeError("call reset() before step()")
+        actions = np.asarray(actions)
+        if actions.shape != (self.n_envs, self.n_agents):
+            raise ValueError(f"actions have shape {actions.shape}; need {(self.n_envs, self.n_agents)}")
+        if actions.min() < 0 or actions.max() >= self.n_actions:
+            raise ValueError(f"actions must lie in [0, {self.n_actions}); got {actions.min()}..{actions.max()}")
+        st = self.state
+        upload, serve = decode(actions, self.scenario.n_users)
+        out = resolve(self.scenario, st.user_xy, st.fade_user, st.fade_cloud, st.covered,
+                      st.prediction, upload, serve)
+        self._history = np.concatenate([self._history[:, 1:], out.dnt_xy[:, None]], axis=1)
+        self._last_ok = out.upload_ok
+        self._since_ok = np.where(out.upload_ok, 0.0, self._since_ok + 1.0)
+        t = st.t + 1
+        done = t >= self.scenario.episode_length
+        if done:
+            self.state = SlotState(t, st.user_xy, st.covered, st.fade_user, st.fade_cloud, st.prediction)
+        else:
+            self._prepare(t, step_positions(self.scenario, st.user_xy, self.move_probs, self._rng_moves))
+        return StepResult(
+            obs=self.observe(), covered=self.state.covered, team_reward=out.team_reward,
+            local_rewards=out.local_rewards, done=done, outcome=out, info=out.metrics(),
+        )

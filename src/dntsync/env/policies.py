@@ -1,0 +1,128 @@
+"""Policies to compare the learners against.
+
+Each maps the current `SlotState` of a batched environment to actions `[B, M]`:
+- `RandomValid`: every allowed bit on with probability 1/2;
+- `NearestBS(upload=...)`: each covered user is served by its nearest covering BS; uploads
+  "always", "never", or every k slots (an int k);
+- `MyopicOracle`: centralised and all-seeing (positions, fading, the twin's prediction); each
+  slot it picks the joint association and uploads maximising the immediate team reward,
+  exhaustively over the 2^M upload choices and over the covering BSs of each covered user,
+  with Algorithm 1 underneath. It is an upper reference for one slot, not for an episode.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Protocol
+
+import numpy as np
+
+from dntsync.env.actions import encode, random_valid
+from dntsync.env.core import SlotState
+from dntsync.env.step import resolve
+from dntsync.network.radio import user_distances
+from dntsync.network.scenario import Scenario
+
+
+class Policy(Protocol):
+    name: str
+
+    def act(self, state: SlotState) -> np.ndarray:
+        """`[B, M]` action integers."""
+        ...
+
+
+class RandomValid:
+    name = "random"
+
+    def __init__(self, seed: int = 0) -> None:
+        self.rng = np.random.default_rng(seed)
+
+    def act(self, state: SlotState) -> np.ndarray:
+        return random_valid(state.covered, self.rng)
+
+
+def nearest_association(scenario: Scenario, user_xy: np.ndarray, covered: np.ndarray) -> np.ndarray:
+    """Each covered user to its nearest covering BS: `serve[..., M, U]` bool."""
+    dist = np.where(covered, user_distances(scenario, user_xy), np.inf)
+    nearest = np.argmin(dist, axis=-2)  # [..., U]
+    return covered & (np.arange(scenario.n_bs)[:, None] == nearest[..., None, :])
+
+
+class NearestBS:
+    """Nearest-BS association with a fixed upload rule."""
+
+    def __init__(self, scenario: Scenario, upload: str | int = "always") -> None:
+        if not (upload in ("always", "never") or (isinstance(upload, int) and upload >= 1)):
+            raise ValueError(f"upload = {upload!r} is invalid: need 'always', 'never' or an int k >= 1")
+        self.scenario = scenario
+        self.upload = upload
+        self.name = f"nearest-{upload}" if isinstance(upload, str) else f"nearest-every-{upload}"
+
+    def act(self, state: SlotState) -> np.ndarray:
+        serve = nearest_association(self.scenario, state.user_xy, state.covered)
+        if self.upload == "always":
+            up = True
+        elif self.upload == "never":
+            up = False
+        else:
+            up = state.t % self.upload == 0
+        upload = np.full(serve.shape[:-1], up)
+        return encode(upload, serve)
+
+
+class MyopicOracle:
+    """Centralised one-slot optimum over uploads and covering-BS associations."""
+
+    name = "oracle"
+
+    def __init__(self, scenario: Scenario, max_candidates: int = 1 << 16) -> None:
+        self.scenario = scenario
+        self.max_candidates = max_candidates
+
+    def candidates(self, covered: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """All (upload[C, M], serve[C, M, U]) the oracle searches for one environment."""
+        n_bs, n_users = covered.shape
+        choices = [np.nonzero(covered[:, u])[0] for u in range(n_users)]
+        multi = [u for u in range(n_users) if len(choices[u]) > 1]
+        base = np.zeros((n_bs, n_users), dtype=bool)
+        for u in range(n_users):
+            if len(choices[u]) == 1:
+                base[choices[u][0], u] = True
+        n_assoc = int(np.prod([len(choices[u]) for u in multi], dtype=np.int64))
+        n_total = n_assoc << n_bs
+        if n_total > self.max_candidates:
+            raise ValueError(
+                f"oracle would search {n_total} joint actions (> max_candidates = "
+                f"{self.max_candidates}); raise max_candidates or use fewer users in overlaps"
+            )
+        serves = np.repeat(base[None], n_assoc, axis=0)
+        for i, combo in enumerate(itertools.product(*(choices[u] for u in multi))):
+            serves[i, list(combo), multi] = True
+        uploads = np.array(list(itertools.product([False, True], repeat=n_bs)), dtype=bool)
+        upload = np.repeat(uploads, n_assoc, axis=0)  # [C, M]
+        serve = np.tile(serves, (len(uploads), 1, 1))  # [C, M, U]
+        return upload, serve
+
+    def act(self, state: SlotState) -> np.ndarray:
+        actions = np.empty(state.covered.shape[:2], dtype=np.int64)
+        for b in range(state.covered.shape[0]):
+            upload, serve = self.candidates(state.covered[b])
+            c = len(upload)
+            tile = lambda a: np.broadcast_to(a[b], (c, *a.shape[1:]))  # noqa: E731
+            out = resolve(self.scenario, tile(state.user_xy), tile(state.fade_user),
+                          tile(state.fade_cloud), tile(state.covered), tile(state.prediction),
+                          upload, serve)
+            best = int(np.argmax(out.team_reward))
+            actions[b] = encode(upload[best], serve[best])
+        return actions
+
+
+def baseline_policies(scenario: Scenario, upload_every: int = 5, seed: int = 0,
+                      oracle: bool = True) -> list:
+    """The standard comparison set: random, nearest-BS (always / never / every k), oracle."""
+    policies = [RandomValid(seed), NearestBS(scenario, "always"), NearestBS(scenario, "never"),
+                NearestBS(scenario, upload_every)]
+    if oracle:
+        policies.append(MyopicOracle(scenario))
+    return policies

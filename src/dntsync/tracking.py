@@ -1,0 +1,64 @@
+"""MLflow tracking shared by every stage.
+
+Embedded default: `sqlite:///mlflow.db` (no server). One experiment per stage kind
+(`<prefix>-<stage>`); every run is tagged with its DVC stage and git commit and, when
+`DNTSYNC_PARENT_RUN_ID` is set (by `dntsync pipeline` / `make run`), nested under that parent
+run so one `dvc repro` groups its runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from collections.abc import Iterator
+from typing import Any
+
+from dntsync.config import Config, to_plain
+
+PARENT_ENV = "DNTSYNC_PARENT_RUN_ID"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {"a.b": value}; lists become strings (MLflow params are strings)."""
+    out: dict[str, Any] = {}
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    out[prefix[:-1]] = str(tree) if isinstance(tree, (list, tuple)) else tree
+    return out
+
+
+def experiment_name(cfg: Config, stage: str) -> str:
+    return f"{cfg.tracking.experiment_prefix}-{stage}"
+
+
+@contextlib.contextmanager
+def mlflow_run(cfg: Config, stage: str, run_name: str | None = None,
+               sections: tuple[str, ...] = ("seed", "scenario"),
+               tags: dict[str, str] | None = None) -> Iterator[Any]:
+    """Start an MLflow run for `stage` with the named config sections logged as params."""
+    import mlflow
+
+    mlflow.set_tracking_uri(cfg.tracking.mlflow_uri)
+    mlflow.set_experiment(experiment_name(cfg, stage))
+    all_tags = {"dvc_stage": os.environ.get("DVC_STAGE", stage), "git_commit": git_commit(),
+                "stage": stage}
+    parent = os.environ.get(PARENT_ENV)
+    if parent:
+        all_tags["mlflow.parentRunId"] = parent
+    all_tags.update(tags or {})
+    plain = to_plain(cfg)
+    params = flatten({k: plain[k] for k in sections})
+    with mlflow.start_run(run_name=run_name or stage, tags=all_tags) as run:
+        mlflow.log_params(params)
+        yield run
