@@ -59,6 +59,9 @@ def mlflow_run(cfg: Config, stage: str, run_name: str | None = None,
     all_tags.update(tags or {})
     plain = to_plain(cfg)
     params = flatten({k: plain[k] for k in sections})
-    with mlflow.start_run(run_name=run_name or stage, tags=all_tags) as run:
+    nested = mlflow.active_run() is not None  # e.g. an Optuna trial inside a study's run
+    if nested:
+        all_tags.pop("mlflow.parentRunId", None)
+    with mlflow.start_run(run_name=run_name or stage, tags=all_tags, nested=nested) as run:
         mlflow.log_params(params)
         yield run
