@@ -16,30 +16,36 @@ from dntsync.config import ConfigError, load_config
 COMMANDS = {
     "generate": "dntsync.stages.generate",
     "show-config": "dntsync.stages.show_config",
+    "pipeline": "dntsync.stages.pipeline",
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only the chosen command's module is imported (torch loads only when needed)."""
     parser = argparse.ArgumentParser(prog="dntsync", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help=", ".join(COMMANDS))
     for name, module_name in COMMANDS.items():
-        module = importlib.import_module(module_name)
-        doc = (module.__doc__ or "").strip().splitlines()
-        p = sub.add_parser(name, help=doc[0] if doc else name, description=module.__doc__)
+        module = importlib.import_module(module_name) if name == command else None
+        doc = (module.__doc__ or "").strip().splitlines() if module else []
+        p = sub.add_parser(name, help=doc[0] if doc else None,
+                           description=module.__doc__ if module else None,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--params", default="conf/params.yaml", help="base parameter file")
         p.add_argument("--config", action="append", default=[], metavar="FILE",
                        help="extra YAML overlay (e.g. a tuned-params file); repeatable")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                        help="dotted override, e.g. --set scenario.n_users=20; repeatable")
-        if hasattr(module, "add_arguments"):
+        if module is not None and hasattr(module, "add_arguments"):
             module.add_arguments(p)
         p.set_defaults(_module=module)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command if command in COMMANDS else None).parse_args(argv)
     try:
         cfg = load_config(args.params, args.overrides, args.config)
     except ConfigError as err:
