@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,26 @@ import yaml
 from dntsync.network.scenario import ConfigError, Scenario
 
 DEFAULT_PARAMS = Path("conf/params.yaml")
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML reads `1e-4` (no dot) as a string; this loader reads it as a float, as YAML 1.2 does."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                   |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(text: str):
+    """Parse YAML text with scientific-notation floats read as floats."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
 
 
 def _need(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -81,6 +102,7 @@ class TwinConfig:
     eval_horizon: int = 10  # multi-step error reported for h = 1..eval_horizon
     checkpoint: str = "models/twin.ckpt"
     metrics: str = "metrics/twin.json"
+    figure: str = "figures/fig2_twin_trajectories.png"  # Fig. 2; its data beside it as .csv
 
     def validate(self, key: str = "twin") -> None:
         _need(self.window >= 1, f"{key}.window", self.window, "need K >= 1")
@@ -150,6 +172,54 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class TuneConfig:
+    """Hyper-parameter search with Optuna (`dntsync tune`; docs/tuning.md).
+
+    The knobs and their ranges live in `search_space`, one space per objective. The TPE
+    sampler is seeded from `Config.seed` (mixed with the trials already in the study and the
+    worker index, so a resumed study or a second worker does not replay the same draws).
+    """
+
+    # marl: the learner's evaluation team reward (maximise); twin: its validation loss (minimise)
+    objective: Literal["marl", "twin"] = "marl"
+    search_space: str = "conf/search_space.yaml"
+    # Finished trials (complete, pruned or failed) the study should hold in total: a resumed
+    # study or a further worker runs only the missing ones.
+    n_trials: int = 20
+    timeout: float | None = None  # seconds for this invocation; a running trial is never cut
+    study_name: str | None = None  # None: "twin" or "marl-<algo>"
+    # An SQLAlchemy URL (sqlite:///..., postgresql://user:pw@host/db: shared by many workers)
+    # or a plain file path (Optuna's journal file storage).
+    storage: str = "sqlite:///optuna/studies.db"
+    sampler_startup_trials: int = 10  # TPE: random draws before the model is used
+    pruner: Literal["median", "none"] = "median"
+    pruner_startup_trials: int = 5  # trials finished before any is pruned
+    pruner_warmup_epochs: int = 10  # a trial is never pruned before this training epoch
+    # Database storages: a worker's running trial beats every heartbeat_interval seconds; one
+    # silent for grace_period seconds is failed and retried up to max_retry times.
+    heartbeat_interval: int = 60
+    grace_period: int = 180
+    max_retry: int = 1
+    output_dir: str = "conf/tuned"  # best params: <output_dir>/<study>.yaml
+    figures_dir: str = "figures/tune"  # <figures_dir>/<study>-history.png, -importances.png
+
+    def validate(self, key: str = "tune") -> None:
+        _need(self.n_trials >= 1, f"{key}.n_trials", self.n_trials, "need >= 1")
+        _need(self.timeout is None or self.timeout > 0, f"{key}.timeout", self.timeout,
+              "need null or > 0 seconds")
+        _need(self.study_name is None or bool(self.study_name.strip()), f"{key}.study_name",
+              self.study_name, "need null or a non-empty name")
+        _need(bool(self.storage), f"{key}.storage", self.storage, "need a URL or a file path")
+        for name in ("pruner_startup_trials", "pruner_warmup_epochs", "max_retry",
+                     "sampler_startup_trials"):
+            _need(getattr(self, name) >= 0, f"{key}.{name}", getattr(self, name), "need >= 0")
+        _need(self.heartbeat_interval >= 1, f"{key}.heartbeat_interval",
+              self.heartbeat_interval, "need >= 1 second")
+        _need(self.grace_period > self.heartbeat_interval, f"{key}.grace_period",
+              self.grace_period, f"need > heartbeat_interval ({self.heartbeat_interval})")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole pipeline's configuration. `seed` fixes every random stream of a run."""
 
@@ -160,11 +230,12 @@ class Config:
     twin: TwinConfig = field(default_factory=TwinConfig)
     marl: MarlConfig = field(default_factory=MarlConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     def validate(self) -> None:
         _need(self.seed >= 0, "seed", self.seed, "need seed >= 0")
         self.scenario.validate()
-        for name in ("data", "env", "twin", "marl", "tracking"):
+        for name in ("data", "env", "twin", "marl", "tracking", "tune"):
             getattr(self, name).validate(name)
 
     def to_dict(self) -> dict:
@@ -256,7 +327,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like key.sub=value")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw)
+    return key.strip(), read_yaml(raw)
 
 
 def merge(base: dict, extra: dict) -> dict:
@@ -281,13 +352,13 @@ def load_config(
     """Load `path` (absent -> embedded defaults), merge `extra_files`, apply dotted overrides."""
     data: dict = {}
     if path is not None and Path(path).exists():
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = read_yaml(Path(path).read_text()) or {}
     elif path is not None and Path(path) != DEFAULT_PARAMS:
         raise ConfigError(f"config file {str(path)!r} does not exist")
     for extra in extra_files:
         if not Path(extra).exists():
             raise ConfigError(f"config file {str(extra)!r} does not exist")
-        data = merge(data, yaml.safe_load(Path(extra).read_text()) or {})
+        data = merge(data, read_yaml(Path(extra).read_text()) or {})
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(data, key, value)

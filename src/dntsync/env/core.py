@@ -134,6 +134,8 @@ class DntEnv:
         """Apply `actions[B, M]` (integers in [0, 2^(U+1))); masked bits are dropped."""
         if self.state is None:
             raise RuntimeError("call reset() before step()")
+        if self.state.t >= self.scenario.episode_length:
+            raise RuntimeError(f"the episode ended after T = {self.scenario.episode_length} slots; call reset()")
         actions = np.asarray(actions)
         if actions.shape != (self.n_envs, self.n_agents):
             raise ValueError(f"actions have shape {actions.shape}; need {(self.n_envs, self.n_agents)}")

@@ -7,7 +7,9 @@ Each maps the current `SlotState` of a batched environment to actions `[B, M]`:
 - `MyopicOracle`: centralised and all-seeing (positions, fading, the twin's prediction); each
   slot it picks the joint association and uploads maximising the immediate team reward,
   exhaustively over the 2^M upload choices and over the covering BSs of each covered user,
-  with Algorithm 1 underneath. It is an upper reference for one slot, not for an episode.
+  with Algorithm 1 underneath. It is the one-slot optimum over associations that serve every
+  covered user exactly once, not over all valid actions: leaving a user unserved can, rarely,
+  lower interference enough to score higher in one slot. Nor is it optimal over an episode.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import numpy as np
 from dntsync.config import Config
 from dntsync.network.mobility import move_probabilities, trajectories
 
-DATA_SECTIONS = ("scenario", "data")
+DATA_SECTIONS = ("seed", "scenario", "data")
 
 
 def data_rng(cfg: Config) -> np.random.Generator:

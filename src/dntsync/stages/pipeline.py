@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from dntsync.config import Config, from_dict, load_config, merge
+from dntsync.config import Config, from_dict, load_config, merge, read_yaml
 from dntsync.tracking import PARENT_ENV, mlflow_run
 
 PROJECT_FILES_CMD = ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"]
@@ -39,8 +39,8 @@ def project_files(root: Path) -> list[str]:
 
 def materialise(root: Path, profile: Path, dest: Path) -> Path:
     """Copy the project's files to `dest` with params overlaid by `profile`; git-init it."""
-    overlay = yaml.safe_load(profile.read_text()) or {}
-    base = yaml.safe_load((root / "conf/params.yaml").read_text()) or {}
+    overlay = read_yaml(profile.read_text()) or {}
+    base = read_yaml((root / "conf/params.yaml").read_text()) or {}
     params = merge(base, overlay)
     from_dict(params)  # validate before any work
     dest.mkdir(parents=True, exist_ok=True)
