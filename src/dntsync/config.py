@@ -220,6 +220,45 @@ class TuneConfig:
 
 
 @dataclass(frozen=True)
+class SweepConfig:
+    """One figure's sweep: the dotted config key on the x axis, its values, and the dotted
+    overrides (`key=value`) applied at every point."""
+
+    key: str
+    values: tuple[int | float, ...]
+    fixed: tuple[str, ...] = ()
+
+    def validate(self, key: str) -> None:
+        _need(len(self.values) >= 1, f"{key}.values", self.values, "need at least one value")
+        _need("." in self.key, f"{key}.key", self.key, "need a dotted config key, e.g. scenario.eps")
+        for text in self.fixed:
+            _need("=" in text, f"{key}.fixed", text, "need 'dotted.key=value' strings")
+
+
+@dataclass(frozen=True)
+class SweepsConfig:
+    """The paper's Figs. 3-6: which learners, the sweep grids, and how many runs at once."""
+
+    algos: tuple[Literal["vdn", "iql"], ...] = ("vdn", "iql")
+    workers: int = 2  # training runs in parallel (processes, one torch thread each)
+    fig4: SweepConfig = field(default_factory=lambda: SweepConfig(
+        "scenario.eps", (0.1, 0.25, 0.5, 0.8, 0.99), ("scenario.n_rbs=9",)))
+    fig5: SweepConfig = field(default_factory=lambda: SweepConfig(
+        "scenario.n_users", (6, 8, 10, 12, 14, 16), ("scenario.eps=0.25", "scenario.n_rbs=12")))
+    # Fig. 6 replays one evaluation episode of the Fig. 5 models at this x value.
+    fig6_value: int | float = 12
+    fig6_episode_seed: int = 20_000
+
+    def validate(self, key: str = "sweeps") -> None:
+        _need(len(self.algos) >= 1, f"{key}.algos", self.algos, "need at least one of vdn, iql")
+        _need(self.workers >= 1, f"{key}.workers", self.workers, "need >= 1")
+        self.fig4.validate(f"{key}.fig4")
+        self.fig5.validate(f"{key}.fig5")
+        _need(self.fig6_value in self.fig5.values, f"{key}.fig6_value", self.fig6_value,
+              f"need one of sweeps.fig5.values {list(self.fig5.values)}")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole pipeline's configuration. `seed` fixes every random stream of a run."""
 
@@ -231,11 +270,12 @@ class Config:
     marl: MarlConfig = field(default_factory=MarlConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    sweeps: SweepsConfig = field(default_factory=SweepsConfig)
 
     def validate(self) -> None:
         _need(self.seed >= 0, "seed", self.seed, "need seed >= 0")
         self.scenario.validate()
-        for name in ("data", "env", "twin", "marl", "tracking", "tune"):
+        for name in ("data", "env", "twin", "marl", "tracking", "tune", "sweeps"):
             getattr(self, name).validate(name)
 
     def to_dict(self) -> dict:
@@ -359,6 +399,15 @@ def load_config(
         if not Path(extra).exists():
             raise ConfigError(f"config file {str(extra)!r} does not exist")
         data = merge(data, read_yaml(Path(extra).read_text()) or {})
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(data, key, value)
+    return from_dict(data)
+
+
+def apply_overrides(cfg: Config, overrides: typing.Sequence[str]) -> Config:
+    """A new, validated config: `cfg` with dotted `key=value` overrides applied."""
+    data = to_plain(cfg)
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(data, key, value)
