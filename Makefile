@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTHON ?= python3
 
-.PHONY: install run test test-fast bench clean
+.PHONY: install run test test-fast bench tune postgres clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,14 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_env.py
+
+# Hyper-parameter search (docs/tuning.md), e.g. make tune TUNE_ARGS="--objective twin --n-trials 40"
+tune: $(STAMP)
+	$(VENV)/bin/dntsync tune $(TUNE_ARGS)
+
+# A local PostgreSQL for shared studies and the tests; prints its URL (needs root for apt).
+postgres:
+	scripts/postgres.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

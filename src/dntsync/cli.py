@@ -16,6 +16,9 @@ from dntsync.config import ConfigError, load_config
 COMMANDS = {
     "generate": "dntsync.stages.generate",
     "show-config": "dntsync.stages.show_config",
+    "train-twin": "dntsync.stages.train_twin",
+    "train-marl": "dntsync.stages.train_marl",
+    "tune": "dntsync.stages.tune",
     "pipeline": "dntsync.stages.pipeline",
 }
 

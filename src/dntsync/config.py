@@ -95,10 +95,12 @@ class TwinConfig:
     batch_size: int = 256
     max_epochs: int = 60
     patience: int = 6  # early stopping on validation loss
+    min_delta: float = 1e-4  # a smaller drop of the validation loss is no improvement
     # Train also on windows whose inputs are partly the twin's own earlier predictions, since
     # in the environment the twin runs on its own outputs whenever no upload comes.
     self_feeding: bool = True
-    self_feeding_max_steps: int = 10
+    self_feeding_max_steps: int = 10  # J: a user's last j ~ U{0..J} inputs are predictions
+    self_feeding_fraction: float = 0.5  # share of training windows that are self-fed
     eval_horizon: int = 10  # multi-step error reported for h = 1..eval_horizon
     checkpoint: str = "models/twin.ckpt"
     metrics: str = "metrics/twin.json"
@@ -112,8 +114,11 @@ class TwinConfig:
         _need(self.batch_size >= 1, f"{key}.batch_size", self.batch_size, "need >= 1")
         _need(self.max_epochs >= 1, f"{key}.max_epochs", self.max_epochs, "need >= 1")
         _need(self.patience >= 1, f"{key}.patience", self.patience, "need >= 1")
+        _need(self.min_delta >= 0, f"{key}.min_delta", self.min_delta, "need >= 0")
         _need(self.self_feeding_max_steps >= 0, f"{key}.self_feeding_max_steps",
               self.self_feeding_max_steps, "need >= 0")
+        _need(0 <= self.self_feeding_fraction <= 1, f"{key}.self_feeding_fraction",
+              self.self_feeding_fraction, "need a fraction in [0, 1]")
         _need(self.eval_horizon >= 1, f"{key}.eval_horizon", self.eval_horizon, "need >= 1")
 
 
@@ -141,6 +146,11 @@ class MarlConfig:
     eval_episodes: int = 32
     eval_seed: int = 10_000  # evaluation seeds are eval_seed + i, never training seeds
     seeds: tuple[int, ...] = (0, 1, 2)
+    # Outputs: <model_dir>/<algo>[_seed<S>].ckpt, <metrics_dir>/marl_<algo>[_seed<S>].json,
+    # <metrics_dir>/curves/marl_<algo>_seed<S>.csv; resumable state <checkpoint_dir>/<algo>_seed<S>/.
+    model_dir: str = "models"
+    metrics_dir: str = "metrics"
+    checkpoint_dir: str = "checkpoints"
 
     def validate(self, key: str = "marl") -> None:
         _need(self.epochs >= 1, f"{key}.epochs", self.epochs, "need G >= 1")
@@ -188,15 +198,15 @@ class TuneConfig:
     n_trials: int = 20
     timeout: float | None = None  # seconds for this invocation; a running trial is never cut
     study_name: str | None = None  # None: "twin" or "marl-<algo>"
-    # An SQLAlchemy URL (sqlite:///..., postgresql://user:pw@host/db: shared by many workers)
-    # or a plain file path (Optuna's journal file storage).
+    # An SQLAlchemy database URL: sqlite:///... (one machine) or postgresql://user:pw@host/db
+    # (shared by workers on many machines). Trials beat a heartbeat in it (below).
     storage: str = "sqlite:///optuna/studies.db"
     sampler_startup_trials: int = 10  # TPE: random draws before the model is used
     pruner: Literal["median", "none"] = "median"
     pruner_startup_trials: int = 5  # trials finished before any is pruned
     pruner_warmup_epochs: int = 10  # a trial is never pruned before this training epoch
-    # Database storages: a worker's running trial beats every heartbeat_interval seconds; one
-    # silent for grace_period seconds is failed and retried up to max_retry times.
+    # A worker's running trial beats every heartbeat_interval seconds; one silent for
+    # grace_period seconds (its worker died) is failed and retried up to max_retry times.
     heartbeat_interval: int = 60
     grace_period: int = 180
     max_retry: int = 1
@@ -209,7 +219,9 @@ class TuneConfig:
               "need null or > 0 seconds")
         _need(self.study_name is None or bool(self.study_name.strip()), f"{key}.study_name",
               self.study_name, "need null or a non-empty name")
-        _need(bool(self.storage), f"{key}.storage", self.storage, "need a URL or a file path")
+        _need("://" in self.storage, f"{key}.storage", self.storage,
+              "need a database URL, e.g. sqlite:///optuna/studies.db or "
+              "postgresql://user:password@host:5432/db")
         for name in ("pruner_startup_trials", "pruner_warmup_epochs", "max_retry",
                      "sampler_startup_trials"):
             _need(getattr(self, name) >= 0, f"{key}.{name}", getattr(self, name), "need >= 0")
