@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# Tiny models train several times faster on one thread than on two contended ones, and
+# subprocesses started by tests inherit the setting.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import pytest
 
 from dntsync.network import Scenario
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config) -> None:
+    try:
+        import torch
+    except ImportError:  # the physics tests need no torch
+        return
+    torch.set_num_threads(1)
 
 
 @pytest.fixture
