@@ -42,6 +42,19 @@ def experiment_name(cfg: Config, stage: str) -> str:
     return f"{cfg.tracking.experiment_prefix}-{stage}"
 
 
+STAGES = ("pipeline", "twin", "marl", "tune")
+
+
+def prepare_store(cfg: Config, stages: tuple[str, ...] = STAGES) -> None:
+    """Create the tracking store and the experiments once, before parallel workers start
+    (two processes creating a new SQLite store at the same moment can collide)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(cfg.tracking.mlflow_uri)
+    for stage in stages:
+        mlflow.set_experiment(experiment_name(cfg, stage))
+
+
 @contextlib.contextmanager
 def mlflow_run(cfg: Config, stage: str, run_name: str | None = None,
                sections: tuple[str, ...] = ("seed", "scenario"),

@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from dntsync.config import Config, from_dict, load_config, merge, read_yaml
-from dntsync.tracking import PARENT_ENV, mlflow_run
+from dntsync.tracking import PARENT_ENV, mlflow_run, prepare_store
 
 PROJECT_FILES_CMD = ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"]
 
@@ -65,6 +65,7 @@ def materialise(root: Path, profile: Path, dest: Path) -> Path:
 def repro(cfg: Config, workdir: Path, force: bool = False) -> int:
     dvc = shutil.which("dvc") or str(Path(sys.executable).with_name("dvc"))
     start = time.perf_counter()
+    prepare_store(cfg)
     with mlflow_run(cfg, "pipeline", run_name=f"dvc repro ({workdir.name})",
                     sections=("seed", "scenario")) as run:
         env = dict(os.environ, **{PARENT_ENV: run.info.run_id})
