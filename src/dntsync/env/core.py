@@ -121,14 +121,19 @@ class DntEnv:
     def observe(self) -> np.ndarray:
         """Local observation of every BS, `[B, M, obs_dim]`, scaled to about [-1, 1]."""
         st = self.state
-        scaled = (st.user_xy - self._center) / self._half  # [B, U, 2]
-        seen = np.where(st.covered[..., None], scaled[:, None], 0.0)  # [B, M, U, 2]
-        per_user = np.concatenate([seen, st.covered[..., None]], axis=-1)
-        parts = [per_user.reshape(self.n_envs, self.n_agents, -1)]
+        n_users = self.scenario.n_users
+        # Written in place into one float32 array: per user (x, y, covered), then the two
+        # upload numbers.
+        obs = np.empty((self.n_envs, self.n_agents, self.obs_dim), dtype=np.float32)
+        per_user = obs[..., : 3 * n_users].reshape(self.n_envs, self.n_agents, n_users, 3)
+        for c in range(2):  # x then y: numpy is slow on a length-2 innermost axis
+            scaled = (st.user_xy[..., c] - self._center[c]) / self._half[c]  # [B, U]
+            per_user[..., c] = np.where(st.covered, scaled[:, None, :], 0.0)
+        per_user[..., 2] = st.covered
         if self.observation == "full":
-            since = np.minimum(self._since_ok / self.scenario.episode_length, 1.0)
-            parts += [self._last_ok[..., None], since[..., None]]
-        return np.concatenate(parts, axis=-1).astype(np.float32)
+            obs[..., -2] = self._last_ok
+            obs[..., -1] = np.minimum(self._since_ok / self.scenario.episode_length, 1.0)
+        return obs
 
     def step(self, actions: np.ndarray) -> StepResult:
         """Apply `actions[B, M]` (integers in [0, 2^(U+1))); masked bits are dropped."""

@@ -12,7 +12,7 @@ import numpy as np
 
 from dntsync.env.rewards import dnt_status, local_rewards, served_count, squared_error, team_reward
 from dntsync.network.allocation import allocate
-from dntsync.network.radio import rates, upload_succeeds
+from dntsync.network.radio import coverage, link_gains, rates, upload_succeeds, user_distances
 from dntsync.network.scenario import Scenario
 
 
@@ -60,8 +60,12 @@ def resolve(
     """
     serve = np.asarray(serve, dtype=bool) & covered
     upload = np.asarray(upload, dtype=bool)
-    alloc = allocate(scenario, user_xy, fade_user, fade_cloud, serve, upload)
-    user_rate, upload_rate = rates(scenario, user_xy, fade_user, fade_cloud, alloc)
+    # Distances and gains once per slot, shared by Algorithm 1 and the final rates.
+    distances = user_distances(scenario, user_xy)
+    gains = link_gains(scenario, user_xy, fade_user, fade_cloud, distances=distances)
+    alloc = allocate(scenario, user_xy, fade_user, fade_cloud, serve, upload, gains=gains,
+                     covered=coverage(scenario, user_xy, distances=distances))
+    user_rate, upload_rate = rates(scenario, user_xy, fade_user, fade_cloud, alloc, gains=gains)
     upload_ok = upload_succeeds(scenario, upload_rate, upload, covered)
     dnt_xy, synced = dnt_status(user_xy, prediction, covered, upload_ok)
     sq_error = squared_error(user_xy, dnt_xy)

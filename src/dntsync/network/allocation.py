@@ -15,6 +15,8 @@ batch entries go to scipy, one call each.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
@@ -29,6 +31,9 @@ def allocate(
     fade_cloud: np.ndarray,
     serve: np.ndarray,
     upload: np.ndarray,
+    *,
+    gains: tuple[np.ndarray, np.ndarray] | None = None,
+    covered: np.ndarray | None = None,
 ) -> np.ndarray:
     """RB allocation of every BS by Algorithm 1.
 
@@ -37,21 +42,31 @@ def allocate(
         serve: `[..., M, U]` bool, z_m: the users BS m chose to serve. Users outside BS m's
             coverage are dropped (a BS can serve only users in its coverage).
         upload: `[..., M]` bool, |y_m|: whether BS m uploads to the twin.
+        gains, covered: `link_gains(...)` and `coverage(scenario, user_xy)` when the caller
+            has them already (they are recomputed otherwise).
     Returns:
         `alloc[..., M, N]` int: -1 free, -2 upload, u >= 0 serves user u.
     """
     batch = np.shape(user_xy)[:-2]
     n_bs, n_users, n_rbs = scenario.n_bs, scenario.n_users, scenario.n_rbs
-    flat = int(np.prod(batch, dtype=np.int64))
+    flat = math.prod(batch)
     user_xy = np.reshape(user_xy, (flat, n_users, 2))
     fade_user = np.reshape(fade_user, (flat, n_bs, n_users))
     fade_cloud = np.reshape(fade_cloud, (flat, n_bs))
     serve = np.reshape(np.asarray(serve, dtype=bool), (flat, n_bs, n_users))
     upload = np.reshape(np.asarray(upload, dtype=bool), (flat, n_bs))
 
-    gain_user, gain_cloud = link_gains(scenario, user_xy, fade_user, fade_cloud)
-    serve = serve & coverage(scenario, user_xy)
+    if gains is None:
+        gains = link_gains(scenario, user_xy, fade_user, fade_cloud)
+    if covered is None:
+        covered = coverage(scenario, user_xy)
+    gain_user = np.reshape(gains[0], (flat, n_bs, n_users))
+    gain_cloud = np.reshape(gains[1], (flat, n_bs))
+    serve = serve & np.reshape(covered, (flat, n_bs, n_users))
+    # rank[b, m, u]: how many users BS m chose before user u; the last entry + 1 counts them.
+    rank = np.cumsum(serve, axis=-1) - 1
     alloc = np.full((flat, n_bs, n_rbs), FREE, dtype=np.int64)
+    used = np.zeros((flat, n_rbs), dtype=bool)  # RBs some earlier BS uses
     rb_index = np.arange(n_rbs)
     rows = np.arange(flat)
 
@@ -66,16 +81,18 @@ def allocate(
         available = ~(uploading[:, None] & (rb_index == upload_rb[:, None]))  # [B, N]
 
         chosen = serve[:, m, :]  # [B, U]
-        n_chosen = chosen.sum(axis=-1)
-        clean = available & ~earlier.any(axis=1)  # interference-free RBs
-        fast = n_chosen <= clean.sum(axis=-1)
+        n_chosen = rank[:, m, -1] + 1
+        clean = available & ~used  # interference-free RBs
+        n_clean = clean.sum(axis=-1)
+        fast = n_chosen <= n_clean
 
         # Fast path: the k-th chosen user takes the k-th clean RB (optimal, see module doc).
         b_idx, u_idx = np.nonzero(chosen & fast[:, None])
         if b_idx.size:
-            rank = (np.cumsum(chosen, axis=-1) - 1)[b_idx, u_idx]
-            clean_order = np.argsort(~clean, axis=-1, kind="stable")
-            alloc[b_idx, m, clean_order[b_idx, rank]] = u_idx
+            # The clean RBs of all rows in row-major order; row b's k-th is at first[b] + k.
+            clean_rb = np.nonzero(clean)[1]
+            first = np.cumsum(n_clean) - n_clean
+            alloc[b_idx, m, clean_rb[first[b_idx] + rank[b_idx, m, u_idx]]] = u_idx
 
         # General case: maximum-weight matching with eq. (2) weights (eq. 18).
         for b in np.nonzero(~fast & (n_chosen > 0))[0]:
@@ -87,4 +104,5 @@ def allocate(
             weight = shannon_rate(scenario, scenario.power * gain_user[b, m, users, None], interference)
             r, c = linear_sum_assignment(weight, maximize=True)
             alloc[b, m, rbs[c]] = users[r]
+        used |= alloc[:, m, :] != FREE
     return alloc.reshape(*batch, n_bs, n_rbs)
