@@ -23,6 +23,8 @@ import yaml
 from dntsync.network.scenario import ConfigError, Scenario
 
 DEFAULT_PARAMS = Path("conf/params.yaml")
+# The config sections the twin's data set depends on (its `config_hash` covers exactly these).
+DATA_SECTIONS = ("seed", "scenario", "data")
 
 
 class _Loader(yaml.SafeLoader):
@@ -102,6 +104,9 @@ class TwinConfig:
     self_feeding_max_steps: int = 10  # J: a user's last j ~ U{0..J} inputs are predictions
     self_feeding_fraction: float = 0.5  # share of training windows that are self-fed
     eval_horizon: int = 10  # multi-step error reported for h = 1..eval_horizon
+    # torch CPU threads while training: the GRU's small ops gain nothing from more and lose a
+    # lot when the cores are shared (measured 5x slower with 2 threads on 2 busy cores).
+    num_threads: int = 1
     checkpoint: str = "models/twin.ckpt"
     metrics: str = "metrics/twin.json"
     figure: str = "figures/fig2_twin_trajectories.png"  # Fig. 2; its data beside it as .csv
@@ -120,6 +125,7 @@ class TwinConfig:
         _need(0 <= self.self_feeding_fraction <= 1, f"{key}.self_feeding_fraction",
               self.self_feeding_fraction, "need a fraction in [0, 1]")
         _need(self.eval_horizon >= 1, f"{key}.eval_horizon", self.eval_horizon, "need >= 1")
+        _need(self.num_threads >= 1, f"{key}.num_threads", self.num_threads, "need >= 1")
 
 
 @dataclass(frozen=True)

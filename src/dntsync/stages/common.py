@@ -23,7 +23,7 @@ def build_predictor(cfg: Config) -> tuple[Predictor, str]:
     if path.exists():
         from dntsync.twin import GruPredictor  # the twin layer; imported only when used
 
-        return GruPredictor.load(path, scenario=cfg.scenario), f"gru:{path}"
+        return GruPredictor.load(path, scenario=cfg.scenario, window=window), f"gru:{path}"
     fallback = cfg.env.predictor_fallback
     if fallback == "none":
         raise FileNotFoundError(

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dntsync.config import Config
+from dntsync.config import DATA_SECTIONS, Config
 from dntsync.network.mobility import move_probabilities, trajectories
 
-DATA_SECTIONS = ("seed", "scenario", "data")
 
 
 def data_rng(cfg: Config) -> np.random.Generator:
