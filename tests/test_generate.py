@@ -7,7 +7,8 @@ import numpy as np
 from dntsync.cli import main
 from dntsync.config import load_config
 from dntsync.network import Scenario, move_probabilities
-from dntsync.stages.generate import DATA_SECTIONS, make_dataset
+from dntsync.config import apply_overrides
+from dntsync.stages.generate import make_dataset
 
 
 def test_generate_writes_the_dataset(small_params, tmp_path, capsys):
@@ -27,8 +28,11 @@ def test_generate_writes_the_dataset(small_params, tmp_path, capsys):
     cfg = load_config(small_params, [f"data.path={out}", "data.n_trajectories=20",
                                      "scenario.episode_length=7"])
     # the hash a consumer recomputes from the same config to detect a stale file
-    assert str(data["config_hash"]) == cfg.section_hash(*DATA_SECTIONS)
-    assert {"scenario", "data"} <= set(DATA_SECTIONS)
+    assert str(data["config_hash"]) == cfg.data_hash()
+    # ... which covers what the paths depend on, and nothing else
+    assert cfg.data_hash() != apply_overrides(cfg, ["seed=4"]).data_hash()
+    assert cfg.data_hash() != apply_overrides(cfg, ["scenario.step_length=2.0"]).data_hash()
+    assert cfg.data_hash() == apply_overrides(cfg, ["scenario.eps=0.9", "scenario.n_rbs=5"]).data_hash()
     parts = [data["train_idx"], data["val_idx"], data["test_idx"]]
     assert all(len(p) >= 1 for p in parts)
     joined = np.concatenate(parts)

@@ -19,6 +19,11 @@ COMMANDS = {
     "train-twin": "dntsync.stages.train_twin",
     "train-marl": "dntsync.stages.train_marl",
     "tune": "dntsync.stages.tune",
+    "train-learners": "dntsync.stages.train_learners",
+    "sweep": "dntsync.stages.sweep",
+    "episode-trace": "dntsync.stages.episode_trace",
+    "figures": "dntsync.stages.figures",
+    "report": "dntsync.stages.report",
     "pipeline": "dntsync.stages.pipeline",
 }
 

@@ -15,6 +15,10 @@ import numpy as np
 # Movement order of eq. (1): stay, +y ("forward"), -y ("backward"), -x ("left"), +x ("right").
 MOVES = np.array([[0.0, 0.0], [0.0, 1.0], [0.0, -1.0], [-1.0, 0.0], [1.0, 0.0]])
 N_MOVES = len(MOVES)
+# What the users' paths depend on (eq. 1): the twin's data set and checkpoint depend on these
+# alone, not on the radio or the reward weights.
+MOBILITY_KEYS = ("n_users", "area_x", "area_y", "step_length", "dirichlet_alpha", "seed",
+                 "episode_length")
 
 
 class ConfigError(ValueError):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dntsync.config import DATA_SECTIONS, Config
+from dntsync.config import Config
 from dntsync.network.mobility import move_probabilities, trajectories
 
 
@@ -39,7 +39,7 @@ def make_dataset(cfg: Config) -> dict[str, np.ndarray]:
         "move_probs": probs,
         "scenario_seed": np.int64(sc.seed),
         "seed": np.int64(cfg.seed),
-        "config_hash": np.str_(cfg.section_hash(*DATA_SECTIONS)),
+        "config_hash": np.str_(cfg.data_hash()),
         "train_idx": train,
         "val_idx": val,
         "test_idx": test,

@@ -68,7 +68,9 @@ def repro(cfg: Config, workdir: Path, force: bool = False) -> int:
     prepare_store(cfg)
     with mlflow_run(cfg, "pipeline", run_name=f"dvc repro ({workdir.name})",
                     sections=("seed", "scenario")) as run:
-        env = dict(os.environ, **{PARENT_ENV: run.info.run_id})
+        # stages call `dntsync`: make this interpreter's scripts folder (the venv's) findable
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        env = dict(os.environ, PATH=path, **{PARENT_ENV: run.info.run_id})
         cmd = [dvc, "repro", *(["--force"] if force else [])]
         result = subprocess.run(cmd, cwd=workdir, env=env)
         import mlflow

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
-from dntsync.config import DATA_SECTIONS, Config
+from dntsync.config import Config
 from dntsync.network.scenario import ConfigError
 
 SPLITS = ("train", "val", "test")
@@ -42,7 +42,7 @@ def load_trajectories(cfg: Config) -> TrajectoryData:
         raise ConfigError(f"data file {str(path)!r} (data.path) does not exist; {fix}")
     with np.load(path) as f:
         data = {k: f[k] for k in f.files}
-    want = cfg.section_hash(*DATA_SECTIONS)
+    want = cfg.data_hash()
     have = str(data.get("config_hash", "none"))
     positions = data["positions"]
     n_users = positions.shape[2]

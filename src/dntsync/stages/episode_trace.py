@@ -1,0 +1,69 @@
+"""Fig. 6 data: one evaluation episode, slot by slot, of the trained VDN and IQL models.
+
+The models are the Fig. 5 sweep's at `sweeps.fig6_value` users (eps 0.25, N 12 by
+default, the paper's Fig. 6 setting). Every (learner, seed) model, and the heuristics and
+the oracle, play the same episode (`sweeps.fig6_episode_seed`); per slot we record how many
+BSs updated the DNT (successful uploads), how many tried, the DNT error, the sum rate and the
+team reward. Written to `metrics/fig6_episode.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from dntsync.config import Config
+from dntsync.env.core import DntEnv
+from dntsync.env.evaluate import as_episode_policy, rollout
+from dntsync.env.policies import NearestBS, baseline_policies
+from dntsync.stages.common import build_predictor
+from dntsync.stages.sweep import point_config, sweep_points
+
+OUT = Path("metrics/fig6_episode.json")
+
+
+def per_slot(env: DntEnv, policy, seed: int) -> dict[str, list[float]]:
+    """One episode of `policy` in a one-environment batch: every metric per slot."""
+    steps = rollout(env, as_episode_policy(policy), seed=seed).steps
+    out = {k: v[0].tolist() for k, v in steps.items()}
+    out["dnt_updates"] = (steps["uploads"][0] - steps["failed_uploads"][0]).tolist()
+    return out
+
+
+def trace(cfg: Config) -> dict:
+    from dntsync.marl.learners import LEARNERS
+    from dntsync.marl.training import RunPaths
+
+    point = next(p for p in sweep_points(cfg, "fig5") if p.value == cfg.sweeps.fig6_value)
+    pcfg = point_config(cfg, point)
+    predictor, description = build_predictor(pcfg)
+    env = DntEnv(pcfg.scenario, predictor, n_envs=1, observation=pcfg.env.observation)
+    seed = cfg.sweeps.fig6_episode_seed
+    learners: dict[str, dict] = {}
+    for algo in cfg.sweeps.algos:
+        runs = []
+        for s in cfg.marl.seeds:
+            path = RunPaths.of(pcfg, algo, s).model
+            if not path.exists():
+                raise FileNotFoundError(f"{path} is missing; run `dntsync sweep fig5` first")
+            learner = LEARNERS[algo].load_from_checkpoint(str(path), map_location="cpu")
+            runs.append(per_slot(env, learner.greedy_policy(), seed))
+        learners[algo] = {k: [r[k] for r in runs] for k in runs[0]}
+    references = [NearestBS(pcfg.scenario, "always"), *baseline_policies(pcfg.scenario)[3:]]
+    baselines = {p.name: per_slot(env, p, seed) for p in references}
+    return {"point": point.label, "overrides": list(point.overrides), "predictor": description,
+            "episode_seed": seed, "seeds": list(cfg.marl.seeds),
+            "slots": int(pcfg.scenario.episode_length), "learners": learners,
+            "baselines": baselines,
+            "summary": {a: {k: float(np.mean(v)) for k, v in d.items()} for a, d in learners.items()}}
+
+
+def run(cfg: Config, args) -> int:
+    data = trace(cfg)
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(data, indent=1))
+    errors = ", ".join(f"{a} mean DNT error {s['dnt_error']:.3f}" for a, s in data["summary"].items())
+    print(f"wrote {OUT}: {errors}")
+    return 0

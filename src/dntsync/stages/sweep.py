@@ -1,0 +1,122 @@
+"""Run a figure's sweep (Fig. 4: eps, Fig. 5: users): VDN and IQL at every point, every seed.
+
+`dntsync sweep fig4|fig5` trains every (point, learner, seed) of `sweeps.<fig>` in parallel
+worker processes (`sweeps.workers`, one torch thread each) and evaluates each learner, with
+the heuristics and the oracle, on the same evaluation episodes. Each run writes under
+`runs/<fig>/<key>=<value>/`; a finished run is found there and not repeated, an interrupted
+one resumes from its last checkpoint. Where a point changes the users (Fig. 5), it gets its
+own data set and GRU twin first. The aggregate, mean and spread over seeds, goes to
+`metrics/sweep_<fig>.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from dntsync.config import Config, SweepConfig, apply_overrides, to_plain
+from dntsync.network.scenario import MOBILITY_KEYS
+from dntsync.stages.runs import run_jobs
+from dntsync.tracking import prepare_store
+
+SWEEPS = ("fig4", "fig5")
+RUNS_DIR = Path("runs")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("sweep", choices=SWEEPS, help="which figure's sweep to run")
+
+
+@dataclass(frozen=True)
+class Point:
+    """One x value of a sweep and every override that makes its config."""
+
+    sweep: str
+    value: int | float
+    overrides: tuple[str, ...]
+
+    @property
+    def label(self) -> str:
+        return f"{self.overrides[-1].split('=')[0].split('.')[-1]}={self.value}"
+
+    @property
+    def directory(self) -> Path:
+        return RUNS_DIR / self.sweep / self.label
+
+
+def sweep_points(cfg: Config, sweep: str) -> list[Point]:
+    spec: SweepConfig = getattr(cfg.sweeps, sweep)
+    return [Point(sweep, v, (*spec.fixed, f"{spec.key}={v}")) for v in spec.values]
+
+
+def needs_own_twin(base: Config, point_cfg: Config) -> bool:
+    """Whether the point's users move differently from the base scenario's (so the base twin,
+    trained on the base users, does not apply)."""
+    return base.env.predictor == "gru" and any(
+        getattr(base.scenario, k) != getattr(point_cfg.scenario, k) for k in MOBILITY_KEYS)
+
+
+def point_config(base: Config, point: Point) -> Config:
+    """The point's config: its overrides, its own output folders, its own twin if needed."""
+    d = point.directory
+    overrides = [*point.overrides, f"marl.model_dir={d}/models", f"marl.metrics_dir={d}/metrics",
+                 f"marl.checkpoint_dir={d}/checkpoints"]
+    cfg = apply_overrides(base, overrides)
+    if needs_own_twin(base, cfg):
+        cfg = apply_overrides(cfg, [f"data.path={d}/twin/trajectories.npz",
+                                    f"twin.checkpoint={d}/twin/twin.ckpt",
+                                    f"twin.metrics={d}/twin/twin.json",
+                                    f"twin.figure={d}/twin/fig2.png",
+                                    f"env.twin_checkpoint={d}/twin/twin.ckpt"])
+    return cfg
+
+
+# ---------------------------------------------------------------------- aggregation
+def summarise_point(reports: list[dict]) -> dict:
+    """Mean, spread over seeds and per-seed values of each final evaluation metric."""
+    out: dict = {}
+    for metric in reports[0]["eval"]:
+        values = np.array([r["eval"][metric]["mean"] for r in reports])
+        out[metric] = {"mean": float(values.mean()), "std": float(values.std()),
+                       "per_seed": values.tolist()}
+    return out
+
+
+def aggregate_sweep(cfg: Config, sweep: str, points: list[Point], results: dict) -> dict:
+    spec: SweepConfig = getattr(cfg.sweeps, sweep)
+    rows = []
+    for p in points:
+        algos = {a: summarise_point(results[(p.value, a)]) for a in cfg.sweeps.algos}
+        first = results[(p.value, cfg.sweeps.algos[0])][0]
+        rows.append({"value": p.value, "label": p.label, "overrides": list(p.overrides),
+                     "predictor": first["predictor"], "algos": algos,
+                     "baselines": first.get("baselines", {})})
+    return {"sweep": sweep, "key": spec.key, "values": list(spec.values),
+            "fixed": list(spec.fixed), "seeds": list(cfg.marl.seeds),
+            "algos": list(cfg.sweeps.algos), "epochs": cfg.marl.epochs, "points": rows}
+
+
+def run(cfg: Config, args) -> int:
+    started = time.perf_counter()
+    sweep = args.sweep
+    points = sweep_points(cfg, sweep)
+    configs = {p.value: point_config(cfg, p) for p in points}
+    prepare_store(cfg)
+    twin_jobs = [("twin", to_plain(c)) for c in configs.values() if needs_own_twin(cfg, c)]
+    run_jobs(twin_jobs, cfg.sweeps.workers, f"{sweep}: twins")
+    keys = [(p.value, a, s) for p in points for a in cfg.sweeps.algos for s in cfg.marl.seeds]
+    jobs = [("marl", to_plain(configs[v]), a, s) for v, a, s in keys]
+    reports = run_jobs(jobs, cfg.sweeps.workers, f"{sweep}: learners")
+    results: dict = {}
+    for (v, a, _), rep in zip(keys, reports):
+        results.setdefault((v, a), []).append(rep)
+    summary = aggregate_sweep(cfg, sweep, points, results)
+    summary["wall_time_s"] = time.perf_counter() - started
+    out = Path("metrics") / f"sweep_{sweep}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=1))
+    print(f"wrote {out} ({len(jobs)} runs, {summary['wall_time_s']:.0f} s)")
+    return 0

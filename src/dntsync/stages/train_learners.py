@@ -1,0 +1,37 @@
+"""Train every learner of `sweeps.algos` with every seed of `marl.seeds`, in parallel.
+
+The DVC pipeline's `train_marl` stage (Fig. 3 setting): the same runs as
+`dntsync train-marl --algo A --seed S` for each (A, S), spread over `sweeps.workers`
+processes. Writes per-seed networks, metrics and curves under `marl.model_dir` and
+`marl.metrics_dir`, and the aggregate over seeds `<metrics_dir>/marl_<algo>.json` with
+`<model_dir>/<algo>.ckpt` (the first seed's networks). Finished runs are not repeated;
+interrupted ones resume from their last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from dntsync.config import Config, to_plain
+from dntsync.stages.runs import run_jobs
+from dntsync.tracking import prepare_store
+
+
+def run(cfg: Config, args) -> int:
+    from dntsync.marl.training import RunPaths, aggregate
+
+    prepare_store(cfg)
+    keys = [(a, s) for a in cfg.sweeps.algos for s in cfg.marl.seeds]
+    reports = run_jobs([("marl", to_plain(cfg), a, s) for a, s in keys], cfg.sweeps.workers,
+                       "learners")
+    for algo in cfg.sweeps.algos:
+        summary = aggregate([r for (a, _), r in zip(keys, reports) if a == algo])
+        out = Path(cfg.marl.metrics_dir) / f"marl_{algo}.json"
+        out.write_text(json.dumps(summary, indent=1))
+        shutil.copyfile(RunPaths.of(cfg, algo, cfg.marl.seeds[0]).model,
+                        Path(cfg.marl.model_dir) / f"{algo}.ckpt")
+        print(f"{algo}: eval team reward {summary['eval_team_reward']:.3f} "
+              f"(std over seeds {summary['eval_team_reward_std_over_seeds']:.3f}); wrote {out}")
+    return 0
