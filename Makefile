@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTHON ?= python3
 
-.PHONY: install run test test-fast bench tune postgres clean
+.PHONY: install run quick test test-fast bench tune postgres clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,9 +16,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The main job: the DVC pipeline on the embedded defaults (conf/params.yaml).
+# The main job: the DVC pipeline on the embedded defaults (conf/params.yaml), under one
+# MLflow parent run.
 run: $(STAMP)
-	$(VENV)/bin/dvc repro
+	$(VENV)/bin/dntsync pipeline
+
+# The same pipeline on the reduced `quick` profile, in .profiles/quick/.
+quick: $(STAMP)
+	$(VENV)/bin/dntsync pipeline --profile conf/profiles/quick.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest
@@ -28,6 +33,8 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_env.py
+	$(PY) benchmarks/bench_twin.py
+	$(PY) benchmarks/bench_marl.py
 
 # Hyper-parameter search (docs/tuning.md), e.g. make tune TUNE_ARGS="--objective twin --n-trials 40"
 tune: $(STAMP)
