@@ -1,0 +1,278 @@
+"""Speed of the VDN / IQL learners: updates per second, one full default run, the Q heads.
+
+Setting: SPEC.md's default scenario (U = 12, M = 3, N = 12, T = 30), `conf/params.yaml`'s
+`marl` section, the hold-last twin (no GRU checkpoint needed), torch on `--threads` threads
+(default 1; the machine has 2 cores, shared).
+
+1. **updates**: training updates per second (one update = unroll online and target nets
+   over a minibatch of `batch_size` episodes, TD loss, backward, gradient clipping, Adam),
+   with the forward / backward / optimiser split, for the flat and the factorised head.
+2. **full run**: the wall time of one whole default VDN run (`fit_marl`, G = 75 epochs,
+   outputs and MLflow off, baselines evaluated at the end as the stage does), split into
+   collection, forward, backward, optimiser, evaluation (greedy evaluation during training
+   plus the final one and the baselines) and the rest (Lightning, logging). Target: <= 5 min.
+3. **heads**: one training update and its peak memory at U = 12 and U = 16 (2^13 and 2^17
+   actions) for the flat head with gathered valid actions (ours), the same flat head
+   computed naively (full 2^(U+1) matmul, then masked), and the factorised head. Each
+   variant runs in a fresh subprocess; peak memory is the process's peak RSS minus its RSS
+   just before the first update (so it counts activations, gradients and optimiser state
+   created by training, not the imports).
+
+Each timing is the median of several repeats (the machine may be shared). Writes
+`benchmarks/results/marl.json`.
+
+Usage: `.venv/bin/python benchmarks/bench_marl.py [--threads 1] [--skip-full-run] [--repeats 5]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+RESULTS = Path(__file__).parent / "results" / "marl.json"
+TARGET_FULL_RUN_S = 300.0
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---------------------------------------------------------------------- building blocks
+def _setup(overrides: list[str], algo: str = "vdn"):
+    from dntsync.config import load_config
+    from dntsync.env.predictors import HoldLast
+    from dntsync.marl.training import build_data, build_learner
+
+    cfg = load_config("conf/params.yaml", ["env.predictor=hold-last", *overrides])
+    data = build_data(cfg, HoldLast(cfg.twin.window), seed=0)
+    learner = build_learner(cfg, algo, data.env.obs_dim)
+
+    class _Trainer:  # what the DataModule reads from Lightning's trainer
+        lightning_module = learner
+
+    data.trainer = _Trainer()
+    return cfg, data, learner
+
+
+class NaiveFlatHead(torch.nn.Module):
+    """The flat head computed the obvious way: all 2^(U+1) outputs, then masked."""
+
+    def __init__(self, head) -> None:
+        super().__init__()
+        self.inner = head
+
+    def q(self, x, actions):
+        return self.inner.all_q(x).gather(1, actions[:, None]).squeeze(1)
+
+    def masked_max(self, x, covered):
+        from dntsync.marl.networks import valid_mask
+
+        q = self.inner.all_q(x).masked_fill(~valid_mask(covered), -torch.inf)
+        values, best = q.max(-1)
+        return values, best
+
+    def all_q(self, x):
+        return self.inner.all_q(x)
+
+
+def _update_times(learner, data, batch_size: int, repeats: int, grad_clip: float) -> dict:
+    """Median forward / backward / optimiser times of one training update."""
+    opt = learner.configure_optimizers()
+    rng = np.random.default_rng(0)
+    parts = {"forward": [], "backward": [], "optimizer": [], "update": []}
+    for i in range(repeats + 1):
+        batch = data.replay.sample(batch_size, rng)
+        t0 = time.perf_counter()
+        loss = learner.td_loss(batch)
+        t1 = time.perf_counter()
+        opt.zero_grad()
+        loss.backward()
+        t2 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(learner.online.parameters(), grad_clip)
+        opt.step()
+        t3 = time.perf_counter()
+        if i > 0:  # the first one warms up allocators and caches
+            for k, v in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
+                parts[k].append(v)
+    med = {f"{k}_s": float(np.median(v)) for k, v in parts.items()}
+    med["updates_per_s"] = 1.0 / med["update_s"]
+    return med
+
+
+# ---------------------------------------------------------------------- 1. updates
+def bench_updates(repeats: int) -> dict:
+    out = {}
+    for head in ("flat", "factorised"):
+        cfg, data, learner = _setup([f"marl.head={head}"])
+        for epoch in range(2):
+            data.collect(epoch)
+        out[head] = _update_times(learner, data, cfg.marl.batch_size, repeats, cfg.marl.grad_clip)
+        out[head]["batch_size_episodes"] = cfg.marl.batch_size
+    return out
+
+
+# ---------------------------------------------------------------------- 2. full run
+class _Clock:
+    def __init__(self) -> None:
+        self.total: dict[str, float] = {}
+
+    @contextmanager
+    def time(self, name: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.total[name] = self.total.get(name, 0.0) + time.perf_counter() - t
+
+    def wrap(self, owner, attr: str, name: str) -> None:
+        original = getattr(owner, attr)
+        clock = self
+
+        def timed(*args, **kwargs):
+            with clock.time(name):
+                return original(*args, **kwargs)
+
+        setattr(owner, attr, timed)
+
+
+def bench_full_run(algo: str = "vdn") -> dict:
+    import lightning.pytorch as pl
+
+    from dntsync.config import load_config
+    from dntsync.env.evaluate import Evaluation
+    from dntsync.marl.learners import QLearner
+    from dntsync.marl.replay import EpisodeDataModule
+    from dntsync.marl.training import fit_marl
+
+    clock = _Clock()
+    clock.wrap(EpisodeDataModule, "collect", "collection")
+    clock.wrap(QLearner, "td_loss", "forward")
+    clock.wrap(Evaluation, "run", "evaluation")
+
+    class Phases(pl.Callback):  # backward and optimiser step, from Lightning's hooks
+        def on_before_backward(self, trainer, pl_module, loss):
+            self.t = time.perf_counter()
+
+        def on_after_backward(self, trainer, pl_module):
+            clock.total["backward"] = clock.total.get("backward", 0.0) + time.perf_counter() - self.t
+            self.t = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            clock.total["optimizer"] = clock.total.get("optimizer", 0.0) + time.perf_counter() - self.t
+
+    cfg = load_config("conf/params.yaml", ["env.predictor=hold-last"])
+    # outputs on (the stage's path: baselines at the end, checkpoints every epoch) but in a
+    # scratch folder; MLflow off
+    scratch = Path("benchmarks/results/_scratch_marl")
+    import dataclasses
+    import shutil
+
+    shutil.rmtree(scratch, ignore_errors=True)
+    cfg = dataclasses.replace(cfg, marl=dataclasses.replace(
+        cfg.marl, model_dir=str(scratch / "models"), metrics_dir=str(scratch / "metrics"),
+        checkpoint_dir=str(scratch / "checkpoints")))
+    started = time.perf_counter()
+    report = fit_marl(cfg, algo=algo, seed=0, callbacks=[Phases()], enable_progress_bar=False,
+                      log_mlflow=False, write_outputs=True)
+    wall = time.perf_counter() - started
+    shutil.rmtree(scratch, ignore_errors=True)
+    parts = {k: round(v, 2) for k, v in clock.total.items()}
+    parts["other (lightning, logging, checkpoints)"] = round(wall - sum(clock.total.values()), 2)
+    updates = cfg.marl.epochs * cfg.marl.batches_per_epoch
+    return {
+        "algo": algo, "epochs": cfg.marl.epochs, "updates": updates,
+        "episodes_per_epoch": cfg.marl.episodes_per_epoch,
+        "batches_per_epoch": cfg.marl.batches_per_epoch, "batch_size": cfg.marl.batch_size,
+        "head": cfg.marl.head, "wall_s": round(wall, 1), "target_s": TARGET_FULL_RUN_S,
+        "meets_target": wall <= TARGET_FULL_RUN_S, "breakdown_s": parts,
+        "updates_per_s_overall": round(updates / wall, 2),
+        "eval_team_reward": report["eval_team_reward"],
+    }
+
+
+# ---------------------------------------------------------------------- 3. heads
+def head_variant(n_users: int, variant: str, repeats: int) -> dict:
+    """One variant in this process (called in a subprocess by `bench_heads`)."""
+    head = "factorised" if variant == "factorised" else "flat"
+    cfg, data, learner = _setup([f"scenario.n_users={n_users}", f"marl.head={head}",
+                                 "marl.episodes_per_epoch=32"])
+    data.collect(0)
+    if variant == "naive":
+        for nets in (learner.online, learner.target):
+            for agent in nets.agents:
+                agent.head = NaiveFlatHead(agent.head)
+    covered = data.replay.arrays["covered"][:len(data.replay)]
+    rss_before = _rss_mb()
+    times = _update_times(learner, data, cfg.marl.batch_size, repeats, cfg.marl.grad_clip)
+    return {**times, "peak_extra_mb": round(_peak_rss_mb() - rss_before, 1),
+            "params_per_agent": sum(p.numel() for p in learner.online.agents[0].parameters()),
+            "n_actions": 2 ** (n_users + 1), "mean_valid_actions": float(
+                (2.0 ** (1 + covered.sum(-1))).mean()), "batch_size_episodes": cfg.marl.batch_size}
+
+
+def bench_heads(repeats: int, threads: int) -> dict:
+    out: dict = {}
+    for n_users in (12, 16):
+        for variant in ("gathered", "naive", "factorised"):
+            cmd = [sys.executable, __file__, "--head-variant", f"{n_users}:{variant}",
+                   "--repeats", str(repeats), "--threads", str(threads)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+            key = f"U{n_users}"
+            if proc.returncode != 0:
+                out.setdefault(key, {})[variant] = {"error": proc.stderr.strip().splitlines()[-1:]}
+            else:
+                out.setdefault(key, {})[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(key, variant, out[key][variant], flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--skip-full-run", action="store_true")
+    parser.add_argument("--head-variant", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.head_variant:
+        n_users, variant = args.head_variant.split(":")
+        print(json.dumps(head_variant(int(n_users), variant, args.repeats)))
+        return
+    results = {
+        "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                    "cpus": os.cpu_count(), "torch_threads": args.threads,
+                    "load_avg_at_start": os.getloadavg()},
+        "updates": bench_updates(args.repeats),
+    }
+    print("updates", json.dumps(results["updates"], indent=1), flush=True)
+    results["heads"] = bench_heads(args.repeats, args.threads)
+    if not args.skip_full_run:
+        results["full_run"] = bench_full_run("vdn")
+        print("full run", json.dumps(results["full_run"], indent=1), flush=True)
+    results["machine"]["load_avg_at_end"] = os.getloadavg()
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=1))
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""One Q-learning update for both algorithms (Sec. III-D, eqs. 19-24; IQL eq. 37).
+
+`QLearner.td_loss` is the whole update, in the manner of epymarl's q_learner:
+
+1. unroll the online nets theta_m and the target nets theta~_m over each sampled episode
+   from a zero hidden state;
+2. gather Q_{theta_m}(o_t^m, a_t^m) of the taken actions;
+3. next-step value: max over the *next* slot's valid actions of the target net (or, with
+   double Q, the target net's value of the online net's masked argmax); zero after the
+   last slot (the episode's end is terminal) and on padding;
+4. `td_terms` (the only thing a subclass defines) says what is compared: VDN sums the
+   agents (Q_tot, eq. 19) against the team reward (eqs. 21-22); IQL keeps each agent on its
+   own local reward (eq. 37);
+5. squared TD error averaged over real slots; Lightning clips the gradient norm
+   (`marl.grad_clip`) and Adam steps (eq. 23 with Adam as the SGD method).
+
+The target nets are synced every `target_update_epochs` epochs (Sec. III-D: "updated every
+several training epochs"). Greedy evaluation is Lightning's validation: the batch is an
+`Evaluation` that the learner plays with its greedy policy; every metric is logged as
+`eval_<metric>` (e.g. `eval_team_reward`) at that epoch.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch import Tensor
+
+from dntsync.env.actions import decode, encode, random_valid
+from dntsync.env.core import SlotState
+from dntsync.marl.networks import AgentQNets
+from dntsync.marl.replay import EpisodeBatch
+
+
+def _like(mask: Tensor, other: Tensor) -> Tensor:
+    """Broadcast a `[B, T]` mask against `[B, T]` (VDN) or `[B, T, M]` (IQL) TD terms."""
+    return mask.view(*mask.shape, *([1] * (other.dim() - mask.dim())))
+
+
+def explore_actions(greedy: np.ndarray, covered: np.ndarray, epsilon: float,
+                    rng: np.random.Generator) -> np.ndarray:
+    """Classic epsilon-greedy: per BS and environment, with probability epsilon, a uniformly
+    random valid action (every allowed bit on with probability 1/2) instead of the greedy one."""
+    explore = rng.random(greedy.shape) < epsilon
+    return np.where(explore, random_valid(covered, rng), greedy)
+
+
+def explore_bits(greedy: np.ndarray, covered: np.ndarray, epsilon: float,
+                 rng: np.random.Generator) -> np.ndarray:
+    """Per-bit epsilon-greedy: each allowed bit (upload, covered users) of the greedy action is
+    redrawn uniformly with probability epsilon. Same expected number of changed bits as
+    `explore_actions`, but spread as small deviations from the greedy action, so a penalty
+    (e.g. a user served twice) is not blamed on every bit of a wholly random action. With
+    epsilon = 1 it is the uniformly random valid action."""
+    upload, serve = decode(greedy, covered.shape[-1])
+    redraw_upload = rng.random(upload.shape) < epsilon
+    redraw_serve = (rng.random(serve.shape) < epsilon) & covered
+    upload = np.where(redraw_upload, rng.random(upload.shape) < 0.5, upload)
+    serve = np.where(redraw_serve, rng.random(serve.shape) < 0.5, serve) & covered
+    return encode(upload, serve)
+
+
+EXPLORATION = {"action": explore_actions, "bit": explore_bits}
+
+
+class QPolicy:
+    """Acts with the online nets, epsilon-greedily over valid actions (an `EpisodePolicy`);
+    `exploration` names how (`EXPLORATION`: "action" or "bit")."""
+
+    def __init__(self, nets: AgentQNets, epsilon: float = 0.0,
+                 rng: np.random.Generator | None = None, name: str = "greedy",
+                 exploration: str = "action") -> None:
+        self.nets = nets
+        self.epsilon = epsilon
+        self.rng = rng if rng is not None else np.random.default_rng(0)
+        self.name = name
+        self.explore = EXPLORATION[exploration]
+        self.state: Tensor | None = None
+
+    def begin_episode(self, n_envs: int) -> None:
+        self.state = torch.zeros(n_envs, len(self.nets.agents), self.nets.hidden)
+
+    @torch.no_grad()
+    def act(self, state: SlotState, obs: np.ndarray) -> np.ndarray:
+        hidden = self.nets.unroll(torch.as_tensor(obs)[:, None], self.state)[:, 0]  # [B, M, h]
+        self.state = hidden
+        _, greedy = self.nets.masked_max(hidden, torch.as_tensor(state.covered))
+        actions = greedy.numpy()
+        if self.epsilon > 0:
+            actions = self.explore(actions, state.covered, self.epsilon, self.rng)
+        return actions
+
+
+class QLearner(pl.LightningModule):
+    """Recurrent multi-agent Q-learning; subclasses choose the mixing (`td_terms`)."""
+
+    algo = "base"  # the registry name of a subclass
+
+    def __init__(self, n_agents: int, obs_dim: int, n_users: int, *, hidden: int = 128,
+                 head: str = "flat", gamma: float = 0.2, lr: float = 1e-4,
+                 double_q: bool = True, target_update_epochs: int = 2,
+                 epsilon_start: float = 1.0, epsilon_end: float = 0.05,
+                 epsilon_decay_epochs: int = 50, exploration: str = "action") -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.online = AgentQNets(n_agents, obs_dim, hidden, n_users, head)  # theta_m
+        self.target = copy.deepcopy(self.online)  # theta~_m
+        self.target.requires_grad_(False)
+
+    # ------------------------------------------------------------------ acting
+    def epsilon(self, epoch: int) -> float:
+        """Linear decay from `epsilon_start` to `epsilon_end` over `epsilon_decay_epochs`."""
+        hp = self.hparams
+        frac = min(1.0, epoch / hp.epsilon_decay_epochs)
+        return hp.epsilon_start + frac * (hp.epsilon_end - hp.epsilon_start)
+
+    def exploration_policy(self, epoch: int, rng: np.random.Generator) -> QPolicy:
+        return QPolicy(self.online, self.epsilon(epoch), rng, name=f"{self.algo}-explore",
+                       exploration=self.hparams.exploration)
+
+    def greedy_policy(self) -> QPolicy:
+        return QPolicy(self.online, 0.0, name=self.algo)
+
+    # ------------------------------------------------------------------ the update
+    def td_terms(self, chosen_q: Tensor, next_q: Tensor,
+                 batch: EpisodeBatch) -> tuple[Tensor, Tensor, Tensor]:
+        """`(Q, r, next value)` to regress `Q` on `r + gamma * next value`.
+
+        `chosen_q` and `next_q` are per agent `[B, T, M]`."""
+        raise NotImplementedError
+
+    def td_loss(self, batch: EpisodeBatch) -> Tensor:
+        hp = self.hparams
+        hidden = self.online.unroll(batch.obs)  # [B, T, M, h], from a zero hidden state
+        chosen_q = self.online.q(hidden, batch.actions)  # Q_{theta_m}(o_t^m, a_t^m)
+        with torch.no_grad():
+            target_hidden = self.target.unroll(batch.obs)[:, 1:]
+            next_covered = batch.covered[:, 1:]  # masks of slot t+1
+            if hp.double_q:  # online argmax, target value
+                _, best = self.online.masked_max(hidden[:, 1:].detach(), next_covered)
+                next_q = self.target.q(target_hidden, best)
+            else:
+                next_q, _ = self.target.masked_max(target_hidden, next_covered)
+            # no slot after the last one: its value is masked by `terminated` below
+            next_q = torch.cat([next_q, torch.zeros_like(next_q[:, :1])], dim=1)
+        q, reward, next_value = self.td_terms(chosen_q, next_q, batch)
+        not_done = _like(1.0 - batch.terminated, q)
+        target = reward + hp.gamma * not_done * next_value  # y~, eqs. (20)-(21)
+        mask = _like(batch.filled, q).expand_as(q)
+        return (((q - target) * mask) ** 2).sum() / mask.sum()  # eq. (22) / (37)
+
+    def training_step(self, batch: EpisodeBatch, batch_idx: int) -> Tensor:
+        loss = self.td_loss(batch)
+        self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=batch.obs.shape[0])
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        # epoch-level curves are logged against the epoch g = 1..G ("step"), not the batch
+        self.log_dict({"epsilon": self.epsilon(self.current_epoch),
+                       "step": float(self.current_epoch + 1)})
+        if (self.current_epoch + 1) % self.hparams.target_update_epochs == 0:
+            self.target.load_state_dict(self.online.state_dict())
+
+    def validation_step(self, evaluation, batch_idx: int) -> None:
+        results = evaluation(self.greedy_policy())
+        self.log_dict({**{f"eval_{k}": v["mean"] for k, v in results.items()},
+                       "step": float(self.current_epoch + 1)}, batch_size=1)
+
+    def configure_optimizers(self):
+        # fused: one kernel over all parameters; the flat heads hold 2^(U+1) x h weights each
+        return torch.optim.Adam(self.online.parameters(), lr=self.hparams.lr, fused=True)
+
+
+class VDN(QLearner):
+    """Value decomposition: Q_tot = sum_m Q_{theta_m} (eq. 19) regressed on the team reward,
+    target r + gamma * sum_m max Q~_{theta~_m} (eq. 21; the joint max of a sum decomposes)."""
+
+    algo = "vdn"
+
+    def td_terms(self, chosen_q, next_q, batch):
+        return chosen_q.sum(-1), batch.team_reward, next_q.sum(-1)
+
+
+class IQL(QLearner):
+    """Independent Q-learning: each BS on its own local reward r^m (eq. 37)."""
+
+    algo = "iql"
+
+    def td_terms(self, chosen_q, next_q, batch):
+        return chosen_q, batch.local_rewards, next_q
+
+
+LEARNERS: dict[str, type[QLearner]] = {"vdn": VDN, "iql": IQL}

@@ -1,0 +1,241 @@
+"""The Q network of each BS (Sec. III-C, item 6; SPEC.md "Learning"), no parameter sharing.
+
+    o_t^m -> Linear(h) -> ReLU -> GRUCell(h) -> head -> Q_{theta_m}(o_t^m, a),  a in [0, 2^(U+1))
+
+Two heads produce the Q values of the 2^(U+1) actions (bit 0 = upload, bit u+1 = serve user u):
+
+- `FlatHead` (the paper's, default): one output row per action, Q(a) = w_a . x + b_a. Only
+  *valid* actions (serve bits within the BS's coverage, about 2^(1 + covered users) of them)
+  are ever chosen or maxed over, so it never forms the 2^(U+1) outputs: the masked max
+  gathers just the weight rows of the valid actions of each coverage pattern (patterns
+  grouped by their number k of covered users, each with exactly 2^(k+1) valid actions, so
+  no action is padded) and multiplies them with the hidden states of the rows sharing the
+  pattern; the chosen action's Q gathers one row. Exact, and at U = 16 (2^17 actions) the cost follows the coverage,
+  not the action space. `FlatHead.all_q` is the naive full matmul, kept for tests and the
+  benchmark.
+- `FactorisedHead`: one term per bit, Q(a) = q_0 + sum over set bits i of a of q_i, so U + 2
+  outputs. Its masked max is per bit: take every allowed bit whose term is positive.
+
+Both heads answer the same three questions: `q(x, actions)`, `masked_max(x, covered)` and
+`all_q(x)`; masks are the coverage bits `covered[..., U]` (see `dntsync.env.actions`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+# Floats `FlatHead.masked_max` holds at once (gathered weights + Q values): about 64 MB.
+GATHER_BUDGET = 1 << 24
+
+
+def _init_linear_(weight: Tensor, bias: Tensor, fan_in: int) -> None:
+    """nn.Linear's default initialisation, for heads that hold their weight themselves."""
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+    bound = 1 / math.sqrt(fan_in)
+    nn.init.uniform_(bias, -bound, bound)
+
+
+def action_bits(actions: Tensor, n_users: int) -> Tensor:
+    """Action integers `[R]` -> their U + 1 bits `[R, U+1]` (float): upload, serve user 1..U."""
+    shifts = torch.arange(n_users + 1, device=actions.device)
+    return ((actions[:, None] >> shifts) & 1).to(torch.get_default_dtype())
+
+
+def valid_mask(covered: Tensor) -> Tensor:
+    """Full validity mask `[R, 2^(U+1)]` (bool) from coverage bits `[R, U]` (the naive way)."""
+    n_users = covered.shape[-1]
+    shifts = torch.arange(n_users, device=covered.device)
+    code = (covered.long() << shifts).sum(-1).to(torch.int32)  # covered users as bits
+    serve = torch.arange(2 ** (n_users + 1), dtype=torch.int32, device=covered.device) >> 1
+    return (serve[None, :] & ~code[:, None]) == 0  # no served user outside the coverage
+
+
+_SUBSETS: dict[int, Tensor] = {}
+
+
+def _subsets(n_bits: int) -> Tensor:
+    """All 0/1 vectors of length n_bits, `[2^n_bits, n_bits]` (int64), cached."""
+    if n_bits not in _SUBSETS:
+        codes = torch.arange(2**n_bits)
+        _SUBSETS[n_bits] = (codes[:, None] >> torch.arange(n_bits)) & 1
+    return _SUBSETS[n_bits]
+
+
+def valid_actions_of(covered: Tensor) -> Tensor:
+    """Valid actions of rows that all cover the same number k of users: `[P, U] -> [P, 2^(k+1)]`.
+
+    Upload on/off times every subset of the covered users; an action is the sum of 2^bit over
+    its set bits (bit 0 = upload, bit u+1 = user u). Row order: as `dntsync.env.valid_actions`.
+    """
+    n_rows, k = covered.shape[0], int(covered[0].sum()) if len(covered) else 0
+    users = torch.nonzero(covered)[:, 1].view(n_rows, k)  # ascending per row
+    bit_values = torch.cat([torch.ones(n_rows, 1, dtype=torch.long, device=covered.device),
+                            torch.ones_like(users) << (users + 1)], dim=1)  # [P, k+1]
+    return (_subsets(k + 1).to(covered.device)[None] * bit_values[:, None, :]).sum(-1)
+
+
+def coverage_groups(covered: Tensor):
+    """Group rows by coverage pattern, patterns by their number k of covered users.
+
+    Yields `(rows[R_k], pattern[R_k], actions[P_k, 2^(k+1)])` per k: the rows whose BS covers
+    k users, the index of each row's pattern among the P_k distinct ones, and each pattern's
+    valid actions. Rows of one BS barely change coverage during an episode, so P_k is far
+    smaller than R_k in a training batch.
+    """
+    covered = covered.bool()
+    n_users = covered.shape[-1]
+    shifts = torch.arange(n_users, device=covered.device)
+    codes, inverse = torch.unique((covered.long() << shifts).sum(-1), return_inverse=True)
+    patterns = ((codes[:, None] >> shifts) & 1).bool()  # [P, U]
+    counts = patterns.sum(-1)
+    local = torch.empty_like(codes)  # pattern index within its k group
+    for k in torch.unique(counts).tolist():
+        in_group = torch.nonzero(counts == k).squeeze(1)
+        local[in_group] = torch.arange(len(in_group), device=covered.device)
+        rows = torch.nonzero(counts[inverse] == k).squeeze(1)
+        yield rows, local[inverse[rows]], valid_actions_of(patterns[in_group])
+
+
+class FlatHead(nn.Module):
+    """Q(a) = w_a . x + b_a for each of the 2^(U+1) actions (the paper's output layer)."""
+
+    def __init__(self, hidden: int, n_users: int) -> None:
+        super().__init__()
+        self.n_users = n_users
+        n_actions = 2 ** (n_users + 1)
+        self.weight = nn.Parameter(torch.empty(n_actions, hidden))
+        self.bias = nn.Parameter(torch.empty(n_actions))
+        _init_linear_(self.weight, self.bias, hidden)
+
+    def q(self, x: Tensor, actions: Tensor) -> Tensor:
+        """Q of one action per row: gathers one weight row each. `x[R, h], actions[R] -> [R]`."""
+        return (self.weight.index_select(0, actions) * x).sum(-1) + self.bias.index_select(0, actions)
+
+    def masked_max(self, x: Tensor, covered: Tensor) -> tuple[Tensor, Tensor]:
+        """Max and argmax over each row's valid actions only: `x[R, h], covered[R, U] -> [R], [R]`.
+
+        Per coverage pattern, the weight rows of its valid actions are gathered once and
+        multiplied with the hidden states of all rows sharing it: rows are laid out
+        `[pattern, slot]` (zero padding up to the most frequent pattern) and one batched
+        matmul per k computes `[pattern, slot, valid action]`.
+        """
+        values = x.new_empty(x.shape[0])
+        best = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+        for rows, pattern, actions in coverage_groups(covered):
+            n_patterns, n_valid = actions.shape
+            per_pattern = torch.bincount(pattern, minlength=n_patterns)
+            order = torch.argsort(pattern, stable=True)
+            first = torch.cumsum(per_pattern, 0) - per_pattern
+            slot = torch.empty_like(pattern)
+            slot[order] = torch.arange(len(rows), device=x.device) - first[pattern[order]]
+            # chunks of patterns keep [patterns, valid, hidden] + [patterns, slots, valid] bounded
+            chunk = max(1, GATHER_BUDGET // (n_valid * (x.shape[1] + int(per_pattern.max()))))
+            for p0 in range(0, n_patterns, chunk):
+                sel = torch.nonzero((pattern >= p0) & (pattern < p0 + chunk)).squeeze(1)
+                acts, at = actions[p0:p0 + chunk], rows[sel]
+                width = int(slot[sel].max()) + 1
+                flat = (pattern[sel] - p0) * width + slot[sel]  # row -> (pattern, slot)
+                laid = x.new_zeros(len(acts) * width, x.shape[1]).index_copy_(0, flat, x[at])
+                weight = self.weight.index_select(0, acts.reshape(-1)).view(*acts.shape, -1)
+                bias = self.bias.index_select(0, acts.reshape(-1)).view(len(acts), 1, -1)
+                q = torch.baddbmm(bias, laid.view(len(acts), width, -1), weight.transpose(1, 2))
+                v, i = q.view(len(acts) * width, -1).index_select(0, flat).max(-1)
+                values[at] = v
+                best[at] = acts.reshape(-1).index_select(0, (pattern[sel] - p0) * n_valid + i)
+        return values, best
+
+    def all_q(self, x: Tensor) -> Tensor:
+        """The naive full matmul, `[R, 2^(U+1)]`."""
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+class FactorisedHead(nn.Module):
+    """Q(a) = q_0 + sum over set bits i of a of q_i: one Q term per bit (U + 2 outputs)."""
+
+    def __init__(self, hidden: int, n_users: int) -> None:
+        super().__init__()
+        self.n_users = n_users
+        self.terms = nn.Linear(hidden, n_users + 2)  # q_0, upload, serve user 1..U
+
+    def q(self, x: Tensor, actions: Tensor) -> Tensor:
+        terms = self.terms(x)
+        return terms[:, 0] + (terms[:, 1:] * action_bits(actions, self.n_users)).sum(-1)
+
+    def masked_max(self, x: Tensor, covered: Tensor) -> tuple[Tensor, Tensor]:
+        """Per bit: every allowed bit (upload, covered users) with a positive term is set."""
+        terms = self.terms(x)
+        allowed = torch.cat([torch.ones_like(covered[:, :1]), covered], dim=1).bool()
+        take = allowed & (terms[:, 1:] > 0)
+        values = terms[:, 0] + (terms[:, 1:] * take).sum(-1)
+        shifts = torch.arange(self.n_users + 1, device=x.device)
+        return values, (take.long() << shifts).sum(-1)
+
+    def all_q(self, x: Tensor) -> Tensor:
+        every = torch.arange(2 ** (self.n_users + 1), device=x.device)
+        terms = self.terms(x)
+        return terms[:, :1] + terms[:, 1:] @ action_bits(every, self.n_users).T
+
+
+HEADS = {"flat": FlatHead, "factorised": FactorisedHead}
+
+
+class AgentQNet(nn.Module):
+    """One BS's recurrent Q network theta_m: Linear(h) -> ReLU -> GRUCell(h) -> head."""
+
+    def __init__(self, obs_dim: int, hidden: int, n_users: int, head: str = "flat") -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.encoder = nn.Linear(obs_dim, hidden)
+        self.cell = nn.GRUCell(hidden, hidden)
+        self.head = HEADS[head](hidden, n_users)
+
+    def unroll(self, obs: Tensor, state: Tensor | None = None) -> Tensor:
+        """Hidden states over an episode: `obs[B, T, D]`, `state[B, h]` (None: zeros) -> `[B, T, h]`."""
+        encoded = torch.relu(self.encoder(obs))
+        state = encoded.new_zeros(obs.shape[0], self.hidden) if state is None else state
+        states = []
+        for t in range(obs.shape[1]):
+            state = self.cell(encoded[:, t], state)
+            states.append(state)
+        return torch.stack(states, dim=1)
+
+
+class AgentQNets(nn.Module):
+    """The M BSs' Q networks side by side (separate parameters; batched over time/envs only).
+
+    Tensors are laid out `[B, T, M, ...]` (episodes, slots, agents), as in the replay.
+    """
+
+    def __init__(self, n_agents: int, obs_dim: int, hidden: int, n_users: int,
+                 head: str = "flat") -> None:
+        super().__init__()
+        self.agents = nn.ModuleList(AgentQNet(obs_dim, hidden, n_users, head)
+                                    for _ in range(n_agents))
+
+    @property
+    def hidden(self) -> int:
+        return self.agents[0].hidden
+
+    def unroll(self, obs: Tensor, state: Tensor | None = None) -> Tensor:
+        """`obs[B, T, M, D]`, `state[B, M, h]` (None: zeros) -> hidden states `[B, T, M, h]`."""
+        return torch.stack([net.unroll(obs[:, :, m], None if state is None else state[:, m])
+                            for m, net in enumerate(self.agents)], dim=2)
+
+    def q(self, hidden: Tensor, actions: Tensor) -> Tensor:
+        """Q of the taken actions: `hidden[..., M, h]`, `actions[..., M]` -> `[..., M]`."""
+        h = hidden.shape[-1]
+        return torch.stack([net.head.q(hidden[..., m, :].reshape(-1, h), actions[..., m].reshape(-1))
+                            for m, net in enumerate(self.agents)], dim=-1).view(actions.shape)
+
+    def masked_max(self, hidden: Tensor, covered: Tensor) -> tuple[Tensor, Tensor]:
+        """Max and argmax over valid actions: `hidden[..., M, h]`, `covered[..., M, U]` -> `[..., M]`."""
+        h, n_users = hidden.shape[-1], covered.shape[-1]
+        outs = [net.head.masked_max(hidden[..., m, :].reshape(-1, h),
+                                    covered[..., m, :].reshape(-1, n_users))
+                for m, net in enumerate(self.agents)]
+        shape = covered.shape[:-1]
+        return (torch.stack([v for v, _ in outs], dim=-1).view(shape),
+                torch.stack([a for _, a in outs], dim=-1).view(shape))

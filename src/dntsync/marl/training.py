@@ -1,0 +1,343 @@
+"""Train VDN or IQL for one seed and report it beside the baselines: `fit_marl`.
+
+Used by `dntsync train-marl` and by the hyper-parameter tuner (which passes extra Lightning
+callbacks, e.g. an Optuna pruner on "eval_team_reward", and switches the outputs off).
+
+One run = Algorithm 2 for G = `marl.epochs` epochs under a Lightning `Trainer`:
+`EpisodeDataModule` collects D episodes per epoch and serves replay minibatches, the
+`QLearner` subclass updates, greedy evaluation on the fixed evaluation episodes runs as
+validation every `marl.eval_every` epochs. With outputs on, Lightning keeps
+`<checkpoint_dir>/<algo>_seed<S>/last.ckpt` (model, optimiser, replay, curve so far) after
+every epoch and a rerun of the same command resumes from it; at the end the final greedy
+evaluation and the baselines on the same episodes are written (see `write_run_outputs`).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from dntsync.config import Config, to_plain
+from dntsync.env.core import DntEnv
+from dntsync.env.evaluate import METRICS, Evaluation, best_heuristic
+from dntsync.env.policies import baseline_policies
+from dntsync.env.predictors import Predictor
+from dntsync.marl.learners import LEARNERS, QLearner
+from dntsync.marl.replay import EpisodeDataModule
+
+MLFLOW_SECTIONS = ("seed", "scenario", "env", "marl")
+CURVE_COLUMNS = ("epoch", "train_reward", *(f"train_{k}" for k in METRICS[1:]), "train_loss",
+                 "epsilon", *(f"eval_{k}" for k in METRICS))
+# Knobs a resumed run may change: training longer, the stage's list of seeds, threads, where
+# outputs go.
+RESUMABLE_CHANGES = ("epochs", "seeds", "torch_threads", "model_dir", "metrics_dir",
+                     "checkpoint_dir")
+
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*IterableDataset.*has `__len__` defined.*")
+warnings.filterwarnings("ignore", ".*Total length of `DataLoader` across ranks is zero.*")
+warnings.filterwarnings("ignore", ".*Checkpoint directory .* exists and is not empty.*")  # run.json
+
+
+# ---------------------------------------------------------------------- building blocks
+def build_learner(cfg: Config, algo: str, obs_dim: int) -> QLearner:
+    mc = cfg.marl
+    return LEARNERS[algo](
+        n_agents=cfg.scenario.n_bs, obs_dim=obs_dim, n_users=cfg.scenario.n_users,
+        hidden=mc.hidden, head=mc.head, gamma=mc.gamma, lr=mc.lr, double_q=mc.double_q,
+        target_update_epochs=mc.target_update_epochs, epsilon_start=mc.epsilon_start,
+        epsilon_end=mc.epsilon_end, epsilon_decay_epochs=mc.epsilon_decay_epochs,
+        exploration=mc.exploration,
+    )
+
+
+def build_data(cfg: Config, predictor: Predictor, seed: int) -> EpisodeDataModule:
+    mc = cfg.marl
+    env = DntEnv(cfg.scenario, predictor, n_envs=mc.episodes_per_epoch, seed=seed,
+                 observation=cfg.env.observation)
+    evaluation = Evaluation(cfg.scenario, predictor, mc.eval_episodes, mc.eval_seed,
+                            observation=cfg.env.observation)
+    return EpisodeDataModule(env, evaluation, seed=seed, buffer_capacity=mc.buffer_capacity,
+                             batches_per_epoch=mc.batches_per_epoch, batch_size=mc.batch_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPaths:
+    """Where one (algo, seed) run writes; `name` is `<algo>_seed<S>`."""
+
+    checkpoints: Path  # Lightning's last.ckpt + run.json (what it was trained with)
+    model: Path
+    metrics: Path
+    curve: Path
+
+    @classmethod
+    def of(cls, cfg: Config, algo: str, seed: int) -> RunPaths:
+        mc = cfg.marl
+        name = f"{algo}_seed{seed}"
+        return cls(checkpoints=Path(mc.checkpoint_dir) / name,
+                   model=Path(mc.model_dir) / f"{name}.ckpt",
+                   metrics=Path(mc.metrics_dir) / f"marl_{name}.json",
+                   curve=Path(mc.metrics_dir) / "curves" / f"marl_{name}.csv")
+
+
+def run_fingerprint(cfg: Config, predictor_description: str) -> dict:
+    """What a checkpoint must have been trained with to be resumed."""
+    marl = {k: v for k, v in to_plain(cfg.marl).items() if k not in RESUMABLE_CHANGES}
+    return {"scenario": to_plain(cfg.scenario), "env": to_plain(cfg.env), "marl": marl,
+            "predictor": predictor_description}
+
+
+def resume_path(paths: RunPaths, fingerprint: dict) -> Path | None:
+    """`last.ckpt` if it was written by a run with the same fingerprint; else start afresh."""
+    last, record = paths.checkpoints / "last.ckpt", paths.checkpoints / "run.json"
+    if last.exists() and record.exists() and json.loads(record.read_text()) == fingerprint:
+        return last
+    if paths.checkpoints.exists():
+        shutil.rmtree(paths.checkpoints)  # another configuration's state: not resumable
+    paths.checkpoints.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(fingerprint, indent=1, sort_keys=True))
+    return None
+
+
+class EpochRecorder(Callback):
+    """Per-epoch curve rows (collection stats, loss, epsilon, greedy evaluation when run).
+
+    Also logs the collection statistics (`train_reward`, ...) so they are MLflow curves.
+    Its rows are saved in checkpoints, so a resumed run's curve is whole.
+    """
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, float]] = []
+        self._eval: dict[str, float] = {}
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._eval = {k: float(v) for k, v in trainer.callback_metrics.items()
+                          if k.startswith("eval_")}
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        collected = trainer.datamodule.last_collection
+        pl_module.log_dict(collected)
+        row = {"epoch": trainer.current_epoch + 1, **collected, **self._eval,
+               "epsilon": pl_module.epsilon(trainer.current_epoch)}
+        if "train_loss" in trainer.callback_metrics:
+            row["train_loss"] = float(trainer.callback_metrics["train_loss"])
+        self.rows.append(row)
+        self._eval = {}
+
+    def state_dict(self) -> dict:
+        return {"rows": [dict(r) for r in self.rows]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rows = [dict(r) for r in state["rows"]]
+
+
+def write_curve(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CURVE_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row.get(k, "") for k in CURVE_COLUMNS})
+
+
+def save_q_networks(learner: QLearner, path: Path, extra: dict) -> None:
+    """The final Q networks (online and target), loadable with `LEARNERS[algo].load_from_checkpoint`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": learner.state_dict(), "hyper_parameters": dict(learner.hparams),
+                "pytorch-lightning_version": pl.__version__, "dntsync": extra}, path)
+
+
+def compare(learner_eval: dict, baselines: dict) -> dict:
+    """The learner's mean team reward beside the oracle's and the best heuristic's."""
+    reward = learner_eval["team_reward"]["mean"]
+    out: dict = {}
+    if "oracle" in baselines:
+        oracle = baselines["oracle"]["team_reward"]["mean"]
+        out["oracle_team_reward"] = oracle
+        out["ratio_to_oracle"] = reward / oracle if oracle else math.nan
+    heuristic = best_heuristic(baselines, exclude=("oracle", "random"))
+    out["best_heuristic"] = heuristic
+    out["best_heuristic_team_reward"] = baselines[heuristic]["team_reward"]["mean"]
+    out["ratio_to_best_heuristic"] = reward / out["best_heuristic_team_reward"]
+    return out
+
+
+def evaluate_baselines(cfg: Config, evaluation: Evaluation) -> dict:
+    """Every policy of `baseline_policies` on the learners' evaluation episodes."""
+    results = {}
+    for policy in baseline_policies(cfg.scenario, seed=cfg.marl.eval_seed):
+        try:
+            results[policy.name] = evaluation.run(policy)
+        except ValueError as err:  # e.g. the oracle's search is too large for this scenario
+            warnings.warn(f"baseline {policy.name} skipped: {err}")
+    return results
+
+
+# ---------------------------------------------------------------------- one run
+def fit_marl(cfg: Config, *, algo: str | None = None, seed: int | None = None,
+             callbacks: list | None = None, enable_progress_bar: bool = True,
+             log_mlflow: bool = True, write_outputs: bool = True,
+             predictor: tuple[Predictor, str] | None = None) -> dict:
+    """Train `algo` (default `marl.algo`) with `seed` (default `Config.seed`); return its report.
+
+    The report holds "eval_team_reward" (the final greedy evaluation's mean team reward per
+    step), every final evaluation metric under "eval", the run's settings and, with
+    `write_outputs`, the baselines on the same episodes and the learner's ratio to the
+    oracle and to the best heuristic. `predictor` is `(predictor, description)`; default
+    `build_predictor(cfg)` (the GRU twin, or the configured fallback, described).
+    """
+    algo = algo or cfg.marl.algo
+    seed = cfg.seed if seed is None else seed
+    if algo not in LEARNERS:
+        raise ValueError(f"algo = {algo!r} is invalid: choose from {sorted(LEARNERS)}")
+    cfg = dataclasses.replace(cfg, seed=seed, marl=dataclasses.replace(cfg.marl, algo=algo))
+    if predictor is None:
+        from dntsync.stages.common import build_predictor  # the stages' predictor factory
+
+        predictor = build_predictor(cfg)
+    predictor_model, predictor_description = predictor
+    started = time.perf_counter()
+
+    pl.seed_everything(seed, workers=False, verbose=False)  # initial weights
+    data = build_data(cfg, predictor_model, seed)
+    learner = build_learner(cfg, algo, data.env.obs_dim)
+    recorder = EpochRecorder()
+    all_callbacks: list = [recorder, *(callbacks or [])]
+    paths = RunPaths.of(cfg, algo, seed)
+    ckpt_path = None
+    if write_outputs:
+        ckpt_path = resume_path(paths, run_fingerprint(cfg, predictor_description))
+        # `last.ckpt` overwritten after every epoch (after the learner's epoch-end target sync)
+        all_callbacks.append(ModelCheckpoint(dirpath=paths.checkpoints, filename="last",
+                                             save_top_k=1, every_n_epochs=1,
+                                             enable_version_counter=False))
+
+    def train(logger) -> None:
+        trainer = pl.Trainer(
+            max_epochs=cfg.marl.epochs, accelerator="cpu", devices=1, logger=logger,
+            callbacks=all_callbacks, enable_checkpointing=write_outputs,
+            enable_progress_bar=enable_progress_bar, enable_model_summary=False,
+            gradient_clip_val=cfg.marl.grad_clip, check_val_every_n_epoch=cfg.marl.eval_every,
+            num_sanity_val_steps=0, log_every_n_steps=1, default_root_dir=paths.checkpoints,
+        )
+        trainer.fit(learner, datamodule=data, ckpt_path=ckpt_path)
+
+    def finish() -> dict:
+        final = data.evaluation.run(learner.greedy_policy())
+        rows = recorder.rows
+        if rows and not any(k.startswith("eval_") for k in rows[-1]):
+            rows[-1].update({f"eval_{k}": v["mean"] for k, v in final.items()})
+        report = {
+            "algo": algo, "seed": seed, "predictor": predictor_description,
+            "scenario": {k: getattr(cfg.scenario, k) for k in ("n_users", "n_rbs", "eps",
+                                                                "episode_length")},
+            "observation": cfg.env.observation, "head": cfg.marl.head,
+            "epochs": cfg.marl.epochs, "resumed_from": str(ckpt_path) if ckpt_path else None,
+            "eval_team_reward": final["team_reward"]["mean"], "eval": final,
+            "eval_seeds": data.evaluation.seeds, "eval_episodes": data.evaluation.n_episodes,
+        }
+        if write_outputs:
+            report["baselines"] = evaluate_baselines(cfg, data.evaluation)
+            report.update(compare(final, report["baselines"]))
+        report["wall_time_s"] = time.perf_counter() - started
+        return report
+
+    if not log_mlflow:
+        train(False)
+        report = finish()
+        if write_outputs:
+            write_run_outputs(report, learner, recorder.rows, paths)
+        return report
+
+    import mlflow
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    from dntsync.tracking import experiment_name, mlflow_run
+
+    tags = {"algo": algo, "marl_seed": str(seed)}
+    with mlflow_run(cfg, "marl", run_name=f"{algo}-seed{seed}", sections=MLFLOW_SECTIONS,
+                    tags=tags) as run:
+        mlflow.log_params({"predictor": predictor_description,
+                           "resumed_from": str(ckpt_path) if ckpt_path else "none"})
+        logger = MLFlowLogger(experiment_name=experiment_name(cfg, "marl"),
+                              tracking_uri=cfg.tracking.mlflow_uri, run_id=run.info.run_id)
+        train(logger)
+        report = finish()
+        mlflow.log_metrics(flat_metrics(report), step=cfg.marl.epochs)
+        with tempfile.TemporaryDirectory() as tmp:
+            out = paths if write_outputs else RunPaths.of(
+                dataclasses.replace(cfg, marl=dataclasses.replace(
+                    cfg.marl, model_dir=tmp, metrics_dir=tmp)), algo, seed)
+            write_run_outputs(report, learner, recorder.rows, out)
+            for path in (out.model, out.metrics, out.curve):
+                mlflow.log_artifact(str(path))
+    return report
+
+
+def flat_metrics(report: dict) -> dict[str, float]:
+    """Final scalars for MLflow: `final_eval_<metric>`, baselines, ratios."""
+    out = {f"final_eval_{k}": v["mean"] for k, v in report["eval"].items()}
+    out.update({f"final_eval_{k}_std": v["std"] for k, v in report["eval"].items()})
+    for name, res in report.get("baselines", {}).items():
+        out[f"baseline_{name}_team_reward"] = res["team_reward"]["mean"]
+    for key in ("ratio_to_oracle", "ratio_to_best_heuristic"):
+        if key in report and np.isfinite(report[key]):
+            out[key] = report[key]
+    return out
+
+
+def write_run_outputs(report: dict, learner: QLearner, rows: list[dict], paths: RunPaths) -> None:
+    save_q_networks(learner, paths.model, {"algo": report["algo"], "seed": report["seed"],
+                                            "predictor": report["predictor"]})
+    paths.metrics.parent.mkdir(parents=True, exist_ok=True)
+    paths.metrics.write_text(json.dumps(report, indent=1))
+    write_curve(rows, paths.curve)
+
+
+# ---------------------------------------------------------------------- several seeds
+def aggregate(reports: list[dict]) -> dict:
+    """Mean and standard deviation over seeds of every final evaluation metric."""
+    first = reports[0]
+    out = {
+        "algo": first["algo"], "seeds": [r["seed"] for r in reports],
+        "predictor": first["predictor"], "scenario": first["scenario"],
+        "observation": first["observation"],
+        "head": first["head"], "epochs": first["epochs"],
+        "eval_seeds": first["eval_seeds"], "eval_episodes": first["eval_episodes"],
+    }
+    for k in METRICS:
+        values = np.array([r["eval"][k]["mean"] for r in reports])
+        out[f"eval_{k}"] = float(values.mean())
+        out[f"eval_{k}_std_over_seeds"] = float(values.std())
+        out[f"eval_{k}_per_seed"] = values.tolist()
+    if "baselines" in first:
+        out["baselines"] = first["baselines"]  # same evaluation episodes for every seed
+        out.update(compare({"team_reward": {"mean": out["eval_team_reward"]}}, first["baselines"]))
+    out["wall_time_s_per_seed"] = [r["wall_time_s"] for r in reports]
+    return out
+
+
+def fit_marl_seeds(cfg: Config, algo: str | None = None, **kwargs) -> dict:
+    """`fit_marl` for every seed of `marl.seeds`, then the aggregate report (written as
+    `marl_<algo>.json`) and the first seed's Q networks as `<model_dir>/<algo>.ckpt`."""
+    algo = algo or cfg.marl.algo
+    reports = [fit_marl(cfg, algo=algo, seed=s, **kwargs) for s in cfg.marl.seeds]
+    summary = aggregate(reports)
+    if kwargs.get("write_outputs", True):
+        model_dir, metrics_dir = Path(cfg.marl.model_dir), Path(cfg.marl.metrics_dir)
+        shutil.copyfile(RunPaths.of(cfg, algo, cfg.marl.seeds[0]).model, model_dir / f"{algo}.ckpt")
+        (metrics_dir / f"marl_{algo}.json").write_text(json.dumps(summary, indent=1))
+    return summary

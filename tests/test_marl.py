@@ -1,0 +1,362 @@
+"""VDN / IQL (`dntsync.marl`): heads, masks, losses by hand, replay, and real tiny runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+
+from dntsync.config import from_dict
+from dntsync.env import DntEnv, Drift, RandomValid, action_mask, is_valid
+from dntsync.env.evaluate import Rollout, StatelessPolicy, rollout
+from dntsync.marl import IQL, VDN, FactorisedHead, FlatHead, QPolicy
+from dntsync.marl.networks import valid_mask
+from dntsync.marl.replay import EpisodeBatch, EpisodeReplay
+from dntsync.marl.training import fit_marl
+from dntsync.network import Scenario
+
+torch.set_num_threads(1)
+
+TINY = {"n_users": 3, "n_rbs": 3, "episode_length": 5}
+
+
+def tiny_config(tmp_path: Path, **marl) -> object:
+    """The real config, shrunk: U = 3, N = 3, T = 5, hidden 16, a few episodes per epoch."""
+    settings = {"hidden": 16, "epochs": 2, "episodes_per_epoch": 4, "batches_per_epoch": 2,
+                "batch_size": 4, "buffer_capacity": 16, "eval_every": 1, "eval_episodes": 4,
+                "epsilon_decay_epochs": 2, "target_update_epochs": 1, "seeds": [0],
+                "model_dir": str(tmp_path / "models"), "metrics_dir": str(tmp_path / "metrics"),
+                "checkpoint_dir": str(tmp_path / "checkpoints"), **marl}
+    return from_dict({"scenario": TINY, "env": {"predictor": "drift"}, "marl": settings,
+                      "tracking": {"mlflow_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}})
+
+
+# ---------------------------------------------------------------------- heads and masks
+@pytest.mark.parametrize("n_users", [3, 6])
+@pytest.mark.parametrize("head_cls", [FlatHead, FactorisedHead])
+def test_masked_max_equals_full_matmul_over_valid_actions(head_cls, n_users):
+    torch.manual_seed(0)
+    head = head_cls(8, n_users)
+    x = torch.randn(64, 8)
+    covered = torch.rand(64, n_users) < 0.5
+    covered[0], covered[1] = False, True  # no user / every user covered
+    covered[10:20] = covered[9]  # rows sharing one coverage pattern
+    with torch.no_grad():
+        values, best = head.masked_max(x, covered)
+        full = head.all_q(x).masked_fill(~valid_mask(covered), -torch.inf)
+        np.testing.assert_allclose(values, full.max(-1).values, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(head.q(x, best), values, rtol=1e-5, atol=1e-5)
+        every = torch.arange(2 ** (n_users + 1)).expand(64, -1)
+        np.testing.assert_allclose(head.q(x.repeat_interleave(every.shape[1], 0), every.reshape(-1)),
+                                   head.all_q(x).reshape(-1), rtol=1e-5, atol=1e-5)
+    assert is_valid(best.numpy(), covered.numpy()).all()
+    assert (valid_mask(covered).numpy() == action_mask(covered.numpy()).astype(bool)).all()
+
+
+def test_flat_head_chunked_gather_is_the_same(monkeypatch):
+    import dntsync.marl.networks as networks
+
+    torch.manual_seed(2)
+    head = FlatHead(8, 5)
+    x, covered = torch.randn(40, 8), torch.rand(40, 5) < 0.6
+    with torch.no_grad():
+        whole = head.masked_max(x, covered)
+        monkeypatch.setattr(networks, "GATHER_BUDGET", 1)  # one pattern per chunk
+        chunked = head.masked_max(x, covered)
+    assert torch.equal(whole[1], chunked[1]) and torch.allclose(whole[0], chunked[0])
+
+
+def test_flat_head_never_picks_an_invalid_action_even_with_a_huge_q():
+    head = FlatHead(4, 3)
+    covered = torch.tensor([[True, False, True]] * 5)
+    invalid = 0b0100  # serves user 1, who is not covered
+    with torch.no_grad():
+        head.bias[invalid] = 1e6
+        values, best = head.masked_max(torch.randn(5, 4), covered)
+    assert (best != invalid).all() and (values < 1e5).all()
+
+
+# ---------------------------------------------------------------------- losses by hand
+def episode_batch(scenario: Scenario, n_episodes: int, seed: int) -> EpisodeBatch:
+    """Real recorded episodes (random valid actions), as the replay would serve them."""
+    env = DntEnv(scenario, Drift(scenario), n_envs=n_episodes, seed=seed)
+    out = rollout(env, StatelessPolicy(RandomValid(seed)), record=True)
+    replay = EpisodeReplay(n_episodes)
+    replay.add(out)
+    return EpisodeBatch(**{k: torch.from_numpy(replay.arrays[k]) for k in EpisodeReplay.FIELDS})
+
+
+def make_learner(cls, double_q: bool, scenario: Scenario, obs_dim: int):
+    torch.manual_seed(1)
+    learner = cls(n_agents=scenario.n_bs, obs_dim=obs_dim, n_users=scenario.n_users, hidden=6,
+                  head="flat", gamma=0.2, double_q=double_q)
+    with torch.no_grad():  # a target net that differs from the online one
+        for p in learner.target.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return learner
+
+
+def all_q_values(nets, obs: torch.Tensor) -> np.ndarray:
+    """Q of every action `[B, T, M, A]` from the naive full matmul (no masking)."""
+    with torch.no_grad():
+        hidden = nets.unroll(obs)
+        return np.stack([net.head.all_q(hidden[:, :, m]).numpy()
+                         for m, net in enumerate(nets.agents)], axis=2)
+
+
+def next_value_table(learner, batch) -> np.ndarray:
+    """`[B, T-1, M]`: max over slot t+1's valid actions (numpy masks), plain or double Q."""
+    q_on, q_tg = (all_q_values(n, batch.obs) for n in (learner.online, learner.target))
+    mask = action_mask(batch.covered.numpy()).astype(bool)  # [B, T, M, A]
+    B, T, M = batch.actions.shape
+    out = np.zeros((B, T - 1, M))
+    for b in range(B):
+        for t in range(T - 1):
+            for m in range(M):
+                valid = np.nonzero(mask[b, t + 1, m])[0]
+                if learner.hparams.double_q:  # online argmax, target value
+                    out[b, t, m] = q_tg[b, t + 1, m, valid[np.argmax(q_on[b, t + 1, m, valid])]]
+                else:
+                    out[b, t, m] = q_tg[b, t + 1, m, valid].max()
+    return out
+
+
+@pytest.mark.parametrize("double_q", [False, True])
+def test_vdn_loss_is_eq_22_by_hand(double_q):
+    scenario = Scenario(**TINY)
+    batch = episode_batch(scenario, 3, seed=4)
+    learner = make_learner(VDN, double_q, scenario, batch.obs.shape[-1])
+    # an invalid action with a huge Q must never be chosen nor maxed over: "upload and serve
+    # every user" for the BSs that never cover every user in these episodes
+    serve_all = 2 ** (scenario.n_users + 1) - 1
+    never_full = [m for m in range(scenario.n_bs) if not batch.covered[:, :, m].all(-1).any()]
+    assert never_full
+    with torch.no_grad():
+        for m in never_full:
+            learner.online.agents[m].head.bias[serve_all] = 1e6
+            learner.target.agents[m].head.bias[serve_all] = 1e6
+    q_on, future = all_q_values(learner.online, batch.obs), next_value_table(learner, batch)
+    B, T, M = batch.actions.shape
+    gamma, total = 0.2, 0.0
+    for b in range(B):
+        for t in range(T):
+            q_tot = sum(q_on[b, t, m, batch.actions[b, t, m]] for m in range(M))  # eq. (19)
+            next_sum = 0.0 if t == T - 1 else sum(future[b, t, m] for m in range(M))
+            y = batch.team_reward[b, t].item() + gamma * next_sum  # eq. (21)
+            total += (y - q_tot) ** 2
+    expected = total / (B * T)  # eq. (22), mean over sampled transitions
+    assert expected < 1e5  # the huge invalid Q stayed out
+    assert learner.td_loss(batch).item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("double_q", [False, True])
+def test_iql_loss_is_eq_37_by_hand(double_q):
+    scenario = Scenario(**TINY)
+    batch = episode_batch(scenario, 3, seed=5)
+    learner = make_learner(IQL, double_q, scenario, batch.obs.shape[-1])
+    q_on, future = all_q_values(learner.online, batch.obs), next_value_table(learner, batch)
+    B, T, M = batch.actions.shape
+    total = 0.0
+    for b in range(B):
+        for t in range(T):
+            for m in range(M):
+                next_q = 0.0 if t == T - 1 else future[b, t, m]
+                y = batch.local_rewards[b, t, m].item() + 0.2 * next_q
+                total += (y - q_on[b, t, m, batch.actions[b, t, m]]) ** 2
+    assert learner.td_loss(batch).item() == pytest.approx(total / (B * T * M), rel=1e-5)
+
+
+def test_vdn_and_iql_differ_only_in_what_is_summed():
+    scenario = Scenario(**TINY)
+    batch = episode_batch(scenario, 2, seed=6)
+    vdn = make_learner(VDN, True, scenario, batch.obs.shape[-1])
+    iql = make_learner(IQL, True, scenario, batch.obs.shape[-1])
+    assert all(torch.equal(a, b) for a, b in zip(vdn.state_dict().values(), iql.state_dict().values()))
+    assert vdn.td_loss(batch).item() != pytest.approx(iql.td_loss(batch).item())
+
+
+@pytest.mark.parametrize("exploration", ["action", "bit"])
+def test_exploration_and_greedy_actions_are_always_valid(exploration):
+    scenario = Scenario(n_users=5, n_rbs=3, episode_length=6)
+    env = DntEnv(scenario, Drift(scenario), n_envs=16, seed=2)
+    learner = VDN(n_agents=3, obs_dim=env.obs_dim, n_users=5, hidden=8)
+    with torch.no_grad():  # the greedy choice would love an action serving every user
+        for net in learner.online.agents:
+            net.head.bias[-1] = 1e6
+    for epsilon in (1.0, 0.3, 0.0):
+        policy = QPolicy(learner.online, epsilon, np.random.default_rng(0), exploration=exploration)
+        out = rollout(env, policy, seed=3, record=True)
+        assert is_valid(out.actions, out.covered).all()
+        if epsilon == 1.0:  # every valid action of a BS is drawn (uniformly)
+            assert len(np.unique(out.actions)) > 20
+
+
+def test_bit_exploration_deviates_from_the_greedy_action_bit_by_bit():
+    from dntsync.marl.learners import explore_bits
+
+    rng = np.random.default_rng(0)
+    covered = np.ones((4000, 1, 6), dtype=bool)
+    covered[:, :, 3] = False
+    greedy = np.full((4000, 1), 0b101011)  # upload, serve users 0, 2, 4 (user 3 not covered)
+    out = explore_bits(greedy, covered, 0.2, rng)
+    changed = np.unpackbits((out ^ greedy).astype(np.uint8)[..., None], axis=-1).sum(-1)
+    # each of the 6 allowed bits is redrawn w.p. 0.2 and then differs w.p. 1/2
+    assert changed.mean() == pytest.approx(6 * 0.1, rel=0.1)
+    assert is_valid(out, covered).all()
+    assert (explore_bits(greedy, covered, 0.0, rng) == greedy).all()
+
+
+# ---------------------------------------------------------------------- replay
+def fake_episodes(ids: list[int], horizon: int = 2) -> Rollout:
+    n = len(ids)
+    reward = np.repeat(np.array(ids, dtype=float)[:, None], horizon, axis=1)
+    return Rollout(steps={}, obs=np.zeros((n, horizon, 1, 2)), covered=np.zeros((n, horizon, 1, 1)),
+                   actions=np.zeros((n, horizon, 1)), team_reward=reward,
+                   local_rewards=reward[..., None], terminated=np.zeros((n, horizon)))
+
+
+def test_replay_ring_overwrites_the_oldest_and_samples_held_episodes():
+    replay = EpisodeReplay(capacity=5)
+    replay.add(fake_episodes([0, 1, 2]))
+    assert len(replay) == 3 and replay.cursor == 3
+    replay.add(fake_episodes([3, 4, 5, 6]))
+    assert len(replay) == 5 and replay.cursor == 2 and replay.added == 7
+    held = sorted(replay.arrays["team_reward"][:, 0].astype(int).tolist())
+    assert held == [2, 3, 4, 5, 6]  # 0 and 1 were overwritten
+    batch = replay.sample(4, np.random.default_rng(0))
+    ids = batch.team_reward[:, 0].long().tolist()
+    assert len(set(ids)) == 4 and set(ids) <= set(held)  # no repeats within a minibatch
+    assert batch.filled.shape == (4, 2) and batch.filled.all()
+    restored = EpisodeReplay(capacity=5)
+    restored.load_state_dict(replay.state_dict())
+    assert (restored.size, restored.cursor, restored.added) == (5, 2, 7)
+    for k in EpisodeReplay.FIELDS:
+        np.testing.assert_array_equal(restored.arrays[k], replay.arrays[k])
+    replay.add(fake_episodes(list(range(10, 17))))  # more than the capacity at once
+    assert sorted(replay.arrays["team_reward"][:, 0].astype(int).tolist()) == [12, 13, 14, 15, 16]
+
+
+# ---------------------------------------------------------------------- real tiny runs
+def final_weights(path: Path) -> dict:
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+@pytest.mark.parametrize("algo", ["vdn", "iql"])
+def test_two_epoch_run_logs_to_mlflow_and_writes_outputs(tmp_path, monkeypatch, algo):
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)  # MLflow's local artifact store
+    cfg = tiny_config(tmp_path)
+    seen = []
+
+    class Watch(pl.Callback):  # what an Optuna pruner would see
+        def on_validation_end(self, trainer, pl_module):
+            seen.append(float(trainer.callback_metrics["eval_team_reward"]))
+
+    report = fit_marl(cfg, algo=algo, seed=0, callbacks=[Watch()], enable_progress_bar=False)
+    assert len(seen) == 2 and report["eval_team_reward"] == pytest.approx(seen[-1], rel=1e-5)
+    assert report["algo"] == algo and report["predictor"] == "drift"
+    assert {"oracle", "nearest-always"} <= set(report["baselines"])
+    assert np.isfinite(report["ratio_to_oracle"])
+    written = json.loads((tmp_path / f"metrics/marl_{algo}_seed0.json").read_text())
+    assert written["eval_team_reward"] == report["eval_team_reward"]
+    curve = (tmp_path / f"metrics/curves/marl_{algo}_seed0.csv").read_text().splitlines()
+    assert curve[0].startswith("epoch,train_reward") and len(curve) == 3
+    assert (tmp_path / f"models/{algo}_seed0.ckpt").exists()
+    loaded = {"vdn": VDN, "iql": IQL}[algo].load_from_checkpoint(tmp_path / f"models/{algo}_seed0.ckpt")
+    assert loaded.hparams.hidden == 16
+
+    mlflow.set_tracking_uri(cfg.tracking.mlflow_uri)
+    runs = mlflow.search_runs(experiment_names=["dntsync-marl"], output_format="list")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.params["predictor"] == "drift" and run.data.params["marl.algo"] == algo
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "eval_team_reward")
+    assert [m.step for m in history] == [1, 2]  # curves against the epoch
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert f"{algo}_seed0.ckpt" in artifacts and f"marl_{algo}_seed0.json" in artifacts
+
+
+def test_same_seed_same_result(tmp_path):
+    reports, weights = [], []
+    for name in ("a", "b"):
+        cfg = tiny_config(tmp_path / name)
+        reports.append(fit_marl(cfg, algo="vdn", seed=3, enable_progress_bar=False,
+                                log_mlflow=False))
+        weights.append(final_weights(tmp_path / name / "models/vdn_seed3.ckpt"))
+    assert reports[0]["eval"] == reports[1]["eval"]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    other = fit_marl(tiny_config(tmp_path / "c"), algo="vdn", seed=4, enable_progress_bar=False,
+                     log_mlflow=False, write_outputs=False)
+    assert other["eval"] != reports[0]["eval"] or other["eval_team_reward"] is not None
+
+
+class PowerCut(pl.Callback):
+    """Kills a run at the start of epoch index `at` (after `at` epochs were checkpointed)."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.at:
+            raise RuntimeError("power cut")
+
+
+def test_resume_continues_exactly_from_the_last_checkpoint(tmp_path):
+    kwargs = dict(algo="iql", seed=1, enable_progress_bar=False, log_mlflow=False)
+    straight = fit_marl(tiny_config(tmp_path / "straight", epochs=4), **kwargs)
+    # interrupted after epoch 2 of 4, then the same command again
+    with pytest.raises(RuntimeError, match="power cut"):
+        fit_marl(tiny_config(tmp_path / "cut", epochs=4), callbacks=[PowerCut(2)], **kwargs)
+    ckpt = torch.load(tmp_path / "cut/checkpoints/iql_seed1/last.ckpt", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["EpisodeDataModule"]["replay"]["added"] == 2 * 4  # D = 4
+    resumed = fit_marl(tiny_config(tmp_path / "cut", epochs=4), **kwargs)
+    # trained for 2 epochs, then asked for 4 (a finished run extended)
+    fit_marl(tiny_config(tmp_path / "extended", epochs=2), **kwargs)
+    extended = fit_marl(tiny_config(tmp_path / "extended", epochs=4), **kwargs)
+    curve = lambda d: (tmp_path / d / "metrics/curves/marl_iql_seed1.csv").read_text()  # noqa: E731
+    straight_weights = final_weights(tmp_path / "straight/models/iql_seed1.ckpt")
+    for name, report in (("cut", resumed), ("extended", extended)):
+        assert report["resumed_from"].endswith("last.ckpt")
+        assert curve(name) == curve("straight")  # the whole curve, epochs 1-4
+        assert report["eval"] == straight["eval"]
+        weights = final_weights(tmp_path / name / "models/iql_seed1.ckpt")
+        assert all(torch.equal(weights[k], straight_weights[k]) for k in weights)
+    # another configuration's checkpoint is not resumed
+    other = fit_marl(tiny_config(tmp_path / "cut", epochs=4, lr=3e-4), **kwargs)
+    assert other["resumed_from"] is None
+
+
+def test_cli_trains_every_seed_and_aggregates(tmp_path, monkeypatch):
+    from dntsync.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    params = tmp_path / "params.yaml"
+    params.write_text(json.dumps({
+        "scenario": TINY, "env": {"predictor": "hold-last"},
+        "marl": {"hidden": 8, "epochs": 1, "episodes_per_epoch": 2, "batches_per_epoch": 1,
+                 "batch_size": 2, "buffer_capacity": 4, "eval_every": 1, "eval_episodes": 2,
+                 "seeds": [0, 1], "head": "factorised", "model_dir": "models",
+                 "metrics_dir": "metrics"},
+        "tracking": {"mlflow_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}}))
+    assert main(["train-marl", "--params", str(params), "--algo", "iql", "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "metrics/marl_iql.json").read_text())
+    assert summary["seeds"] == [0, 1] and len(summary["eval_team_reward_per_seed"]) == 2
+    assert summary["head"] == "factorised" and "ratio_to_oracle" in summary
+    assert (tmp_path / "models/iql.ckpt").exists()
+    assert (tmp_path / "metrics/curves/marl_iql_seed1.csv").exists()
+    # Fig. 3 from what the stage wrote: a band over the two seeds, oracle and best heuristic
+    from dntsync.plots import convergence_figure, read_curves, reference_lines
+
+    csvs = [tmp_path / f"metrics/curves/marl_iql_seed{s}.csv" for s in (0, 1)]
+    x, runs = read_curves(csvs, "eval_team_reward")
+    assert list(x) == [1.0] and runs.shape == (2, 1)
+    refs = reference_lines(summary["baselines"])
+    assert set(refs) == {"myopic oracle", f"best heuristic: {summary['best_heuristic']}"}
+    png = convergence_figure({"iql": csvs}, tmp_path / "metrics/marl_iql.json",
+                             tmp_path / "figures/fig3.png")
+    assert png.exists() and png.stat().st_size > 10_000
