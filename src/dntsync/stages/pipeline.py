@@ -63,7 +63,8 @@ def materialise(root: Path, profile: Path, dest: Path) -> Path:
 
 
 def repro(cfg: Config, workdir: Path, force: bool = False) -> int:
-    dvc = shutil.which("dvc") or str(Path(sys.executable).with_name("dvc"))
+    beside = Path(sys.executable).with_name("dvc")  # this venv's dvc first
+    dvc = str(beside) if beside.exists() else shutil.which("dvc") or "dvc"
     start = time.perf_counter()
     prepare_store(cfg)
     with mlflow_run(cfg, "pipeline", run_name=f"dvc repro ({workdir.name})",
