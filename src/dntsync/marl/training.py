@@ -335,9 +335,16 @@ def fit_marl_seeds(cfg: Config, algo: str | None = None, **kwargs) -> dict:
     `marl_<algo>.json`) and the first seed's Q networks as `<model_dir>/<algo>.ckpt`."""
     algo = algo or cfg.marl.algo
     reports = [fit_marl(cfg, algo=algo, seed=s, **kwargs) for s in cfg.marl.seeds]
-    summary = aggregate(reports)
     if kwargs.get("write_outputs", True):
-        model_dir, metrics_dir = Path(cfg.marl.model_dir), Path(cfg.marl.metrics_dir)
-        shutil.copyfile(RunPaths.of(cfg, algo, cfg.marl.seeds[0]).model, model_dir / f"{algo}.ckpt")
-        (metrics_dir / f"marl_{algo}.json").write_text(json.dumps(summary, indent=1))
+        return write_summary(cfg, algo, reports)
+    return aggregate(reports)
+
+
+def write_summary(cfg: Config, algo: str, reports: list[dict]) -> dict:
+    """Aggregate one algorithm's per-seed reports; write `<metrics_dir>/marl_<algo>.json` and
+    copy the first seed's Q networks to `<model_dir>/<algo>.ckpt`."""
+    summary = aggregate(reports)
+    shutil.copyfile(RunPaths.of(cfg, algo, cfg.marl.seeds[0]).model,
+                    Path(cfg.marl.model_dir) / f"{algo}.ckpt")
+    (Path(cfg.marl.metrics_dir) / f"marl_{algo}.json").write_text(json.dumps(summary, indent=1))
     return summary

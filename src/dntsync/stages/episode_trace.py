@@ -17,7 +17,7 @@ import numpy as np
 from dntsync.config import Config
 from dntsync.env.core import DntEnv
 from dntsync.env.evaluate import as_episode_policy, rollout
-from dntsync.env.policies import NearestBS, baseline_policies
+from dntsync.env.policies import baseline_policies
 from dntsync.stages.common import build_predictor
 from dntsync.stages.sweep import point_config, sweep_points
 
@@ -51,7 +51,8 @@ def trace(cfg: Config) -> dict:
             learner = LEARNERS[algo].load_from_checkpoint(str(path), map_location="cpu")
             runs.append(per_slot(env, learner.greedy_policy(), seed))
         learners[algo] = {k: [r[k] for r in runs] for k in runs[0]}
-    references = [NearestBS(pcfg.scenario, "always"), *baseline_policies(pcfg.scenario)[3:]]
+    references = [p for p in baseline_policies(pcfg.scenario)
+                  if p.name not in ("random", "nearest-never")]  # the informative references
     baselines = {p.name: per_slot(env, p, seed) for p in references}
     return {"point": point.label, "overrides": list(point.overrides), "predictor": description,
             "episode_seed": seed, "seeds": list(cfg.marl.seeds),

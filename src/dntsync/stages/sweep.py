@@ -35,12 +35,13 @@ class Point:
     """One x value of a sweep and every override that makes its config."""
 
     sweep: str
+    key: str  # the dotted config key on the x axis
     value: int | float
     overrides: tuple[str, ...]
 
     @property
     def label(self) -> str:
-        return f"{self.overrides[-1].split('=')[0].split('.')[-1]}={self.value}"
+        return f"{self.key.split('.')[-1]}={self.value}"
 
     @property
     def directory(self) -> Path:
@@ -49,7 +50,7 @@ class Point:
 
 def sweep_points(cfg: Config, sweep: str) -> list[Point]:
     spec: SweepConfig = getattr(cfg.sweeps, sweep)
-    return [Point(sweep, v, (*spec.fixed, f"{spec.key}={v}")) for v in spec.values]
+    return [Point(sweep, spec.key, v, (*spec.fixed, f"{spec.key}={v}")) for v in spec.values]
 
 
 def needs_own_twin(base: Config, point_cfg: Config) -> bool:

@@ -10,28 +10,21 @@ interrupted ones resume from their last checkpoint.
 
 from __future__ import annotations
 
-import json
-import shutil
-from pathlib import Path
-
 from dntsync.config import Config, to_plain
 from dntsync.stages.runs import run_jobs
 from dntsync.tracking import prepare_store
 
 
 def run(cfg: Config, args) -> int:
-    from dntsync.marl.training import RunPaths, aggregate
+    from dntsync.marl.training import write_summary
 
     prepare_store(cfg)
     keys = [(a, s) for a in cfg.sweeps.algos for s in cfg.marl.seeds]
     reports = run_jobs([("marl", to_plain(cfg), a, s) for a, s in keys], cfg.sweeps.workers,
                        "learners")
     for algo in cfg.sweeps.algos:
-        summary = aggregate([r for (a, _), r in zip(keys, reports) if a == algo])
-        out = Path(cfg.marl.metrics_dir) / f"marl_{algo}.json"
-        out.write_text(json.dumps(summary, indent=1))
-        shutil.copyfile(RunPaths.of(cfg, algo, cfg.marl.seeds[0]).model,
-                        Path(cfg.marl.model_dir) / f"{algo}.ckpt")
+        summary = write_summary(cfg, algo, [r for (a, _), r in zip(keys, reports) if a == algo])
         print(f"{algo}: eval team reward {summary['eval_team_reward']:.3f} "
-              f"(std over seeds {summary['eval_team_reward_std_over_seeds']:.3f}); wrote {out}")
+              f"(std over seeds {summary['eval_team_reward_std_over_seeds']:.3f}); wrote "
+              f"{cfg.marl.metrics_dir}/marl_{algo}.json")
     return 0
