@@ -36,9 +36,14 @@ def tiny_config(tmp_path: Path, **marl) -> object:
 
 
 # ---------------------------------------------------------------------- heads and masks
+@pytest.mark.parametrize("ragged_max_rows", [0, 256])  # flat head: by pattern / row by row
 @pytest.mark.parametrize("n_users", [3, 6])
 @pytest.mark.parametrize("head_cls", [FlatHead, FactorisedHead])
-def test_masked_max_equals_full_matmul_over_valid_actions(head_cls, n_users):
+def test_masked_max_equals_full_matmul_over_valid_actions(head_cls, n_users, ragged_max_rows,
+                                                           monkeypatch):
+    import dntsync.marl.networks as networks
+
+    monkeypatch.setattr(networks, "RAGGED_MAX_ROWS", ragged_max_rows)
     torch.manual_seed(0)
     head = head_cls(8, n_users)
     x = torch.randn(64, 8)
@@ -57,17 +62,21 @@ def test_masked_max_equals_full_matmul_over_valid_actions(head_cls, n_users):
     assert (valid_mask(covered).numpy() == action_mask(covered.numpy()).astype(bool)).all()
 
 
-def test_flat_head_chunked_gather_is_the_same(monkeypatch):
+def test_flat_head_chunked_and_ragged_paths_are_the_same(monkeypatch):
     import dntsync.marl.networks as networks
 
     torch.manual_seed(2)
     head = FlatHead(8, 5)
     x, covered = torch.randn(40, 8), torch.rand(40, 5) < 0.6
     with torch.no_grad():
+        monkeypatch.setattr(networks, "RAGGED_MAX_ROWS", 0)  # the by-pattern path
         whole = head.masked_max(x, covered)
         monkeypatch.setattr(networks, "GATHER_BUDGET", 1)  # one pattern per chunk
         chunked = head.masked_max(x, covered)
+        monkeypatch.setattr(networks, "RAGGED_MAX_ROWS", 256)  # row by row
+        ragged = head.masked_max(x, covered)
     assert torch.equal(whole[1], chunked[1]) and torch.allclose(whole[0], chunked[0])
+    assert torch.equal(whole[1], ragged[1]) and torch.allclose(whole[0], ragged[0])
 
 
 def test_flat_head_never_picks_an_invalid_action_even_with_a_huge_q():

@@ -148,6 +148,12 @@ class MarlConfig:
     lr: float = 1e-4  # lambda_Q
     hidden: int = 128  # theta^h
     head: Literal["flat", "factorised"] = "flat"
+    # initial bias of every output of the Q head (null: PyTorch's default, about +-0.09); a
+    # value above every Q reachable makes untried actions look best (optimistic exploration)
+    head_bias_init: float | None = None
+    # the TD targets use reward / reward_scale: Q values of order 1 instead of the reward's
+    # order 10-20 (the greedy policy is unchanged by a positive scale; Adam's steps are not)
+    reward_scale: float = 1.0
     episodes_per_epoch: int = 32  # D, collected with epsilon-greedy each epoch
     batches_per_epoch: int = 24
     batch_size: int = 16  # episodes per minibatch
@@ -179,6 +185,7 @@ class MarlConfig:
         _need(0 <= self.gamma < 1, f"{key}.gamma", self.gamma, "need 0 <= gamma < 1")
         _need(0 < self.lr < 1, f"{key}.lr", self.lr, "need 0 < lambda_Q < 1")
         _need(self.hidden >= 1, f"{key}.hidden", self.hidden, "need >= 1")
+        _need(self.reward_scale > 0, f"{key}.reward_scale", self.reward_scale, "need > 0")
         for name in ("episodes_per_epoch", "batches_per_epoch", "batch_size", "buffer_capacity",
                      "epsilon_decay_epochs", "target_update_epochs", "eval_every",
                      "eval_episodes"):

@@ -100,13 +100,16 @@ class QLearner(pl.LightningModule):
     algo = "base"  # the registry name of a subclass
 
     def __init__(self, n_agents: int, obs_dim: int, n_users: int, *, hidden: int = 128,
-                 head: str = "flat", gamma: float = 0.2, lr: float = 1e-4,
+                 head: str = "flat", head_bias_init: float | None = None,
+                 reward_scale: float = 1.0, gamma: float = 0.2, lr: float = 1e-4,
                  double_q: bool = True, target_update_epochs: int = 2,
                  epsilon_start: float = 1.0, epsilon_end: float = 0.05,
                  epsilon_decay_epochs: int = 50, exploration: str = "action") -> None:
         super().__init__()
         self.save_hyperparameters()
         self.online = AgentQNets(n_agents, obs_dim, hidden, n_users, head)  # theta_m
+        if head_bias_init is not None:
+            self.online.init_head_bias_(head_bias_init)
         self.target = copy.deepcopy(self.online)  # theta~_m
         self.target.requires_grad_(False)
 
@@ -148,6 +151,7 @@ class QLearner(pl.LightningModule):
             next_q = torch.cat([next_q, torch.zeros_like(next_q[:, :1])], dim=1)
         q, reward, next_value = self.td_terms(chosen_q, next_q, batch)
         not_done = _like(1.0 - batch.terminated, q)
+        reward = reward / hp.reward_scale
         target = reward + hp.gamma * not_done * next_value  # y~, eqs. (20)-(21)
         mask = _like(batch.filled, q).expand_as(q)
         return (((q - target) * mask) ** 2).sum() / mask.sum()  # eq. (22) / (37)

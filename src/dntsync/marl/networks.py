@@ -29,6 +29,10 @@ from torch import Tensor, nn
 
 # Floats `FlatHead.masked_max` holds at once (gathered weights + Q values): about 64 MB.
 GATHER_BUDGET = 1 << 24
+# Up to this many rows (acting: one row per environment, nearly every row its own coverage
+# pattern), `FlatHead.masked_max` enumerates each row's valid actions directly instead of
+# grouping rows by pattern (which pays off when many rows share one, as in training batches).
+RAGGED_MAX_ROWS = 256
 
 
 def _init_linear_(weight: Tensor, bias: Tensor, fan_in: int) -> None:
@@ -117,11 +121,14 @@ class FlatHead(nn.Module):
     def masked_max(self, x: Tensor, covered: Tensor) -> tuple[Tensor, Tensor]:
         """Max and argmax over each row's valid actions only: `x[R, h], covered[R, U] -> [R], [R]`.
 
-        Per coverage pattern, the weight rows of its valid actions are gathered once and
+        Ties go to the first valid action in `valid_actions_of` order. Up to `RAGGED_MAX_ROWS`
+        rows: `_masked_max_ragged`. Otherwise, per coverage pattern, the weight rows of its valid actions are gathered once and
         multiplied with the hidden states of all rows sharing it: rows are laid out
         `[pattern, slot]` (zero padding up to the most frequent pattern) and one batched
         matmul per k computes `[pattern, slot, valid action]`.
         """
+        if x.shape[0] <= RAGGED_MAX_ROWS:
+            return self._masked_max_ragged(x, covered)
         values = x.new_empty(x.shape[0])
         best = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
         for rows, pattern, actions in coverage_groups(covered):
@@ -146,6 +153,31 @@ class FlatHead(nn.Module):
                 values[at] = v
                 best[at] = acts.reshape(-1).index_select(0, (pattern[sel] - p0) * n_valid + i)
         return values, best
+
+    def _masked_max_ragged(self, x: Tensor, covered: Tensor) -> tuple[Tensor, Tensor]:
+        """`masked_max` by listing every row's 2^(k+1) valid actions in one flat vector (no
+        per-pattern loop): a few vectorised ops, cheapest when rows rarely share a pattern."""
+        n_rows, device = x.shape[0], x.device
+        covered = covered.bool()
+        k = covered.sum(-1)
+        k_max = int(k.max()) if n_rows else 0
+        # each row's covered users in ascending order first (stable sort), then the rest
+        users = torch.argsort((~covered).to(torch.int8), dim=1, stable=True)[:, :k_max]
+        bit_values = torch.cat([torch.ones(n_rows, 1, dtype=torch.long, device=device),
+                                torch.ones_like(users) << (users + 1)], dim=1)  # [R, k_max+1]
+        counts = torch.ones_like(k) << (k + 1)  # 2^(k+1) valid actions per row
+        row = torch.repeat_interleave(torch.arange(n_rows, device=device), counts)
+        first = torch.cumsum(counts, 0) - counts
+        j = torch.arange(len(row), device=device) - first[row]  # subset index within its row
+        # subset j < 2^(k+1) sets only bits < k+1, so the padded bit values never count
+        actions = (_subsets(k_max + 1).to(device)[j] * bit_values[row]).sum(-1)
+        q = (self.weight.index_select(0, actions) * x.index_select(0, row)).sum(-1) \
+            + self.bias.index_select(0, actions)
+        values = q.new_full((n_rows,), -torch.inf).scatter_reduce(0, row, q, "amax")
+        position = torch.arange(len(row), device=device)
+        at_max = torch.where(q == values[row], position, len(row))
+        argmax = torch.full_like(k, len(row)).scatter_reduce(0, row, at_max, "amin")
+        return values, actions[argmax]
 
     def all_q(self, x: Tensor) -> Tensor:
         """The naive full matmul, `[R, 2^(U+1)]`."""
@@ -219,10 +251,47 @@ class AgentQNets(nn.Module):
     def hidden(self) -> int:
         return self.agents[0].hidden
 
+    @torch.no_grad()
+    def init_head_bias_(self, value: float) -> None:
+        """Set every output bias of every head to `value` (optimistic initialisation)."""
+        for net in self.agents:
+            bias = net.head.bias if isinstance(net.head, FlatHead) else net.head.terms.bias
+            bias.fill_(value)
+
     def unroll(self, obs: Tensor, state: Tensor | None = None) -> Tensor:
-        """`obs[B, T, M, D]`, `state[B, M, h]` (None: zeros) -> hidden states `[B, T, M, h]`."""
-        return torch.stack([net.unroll(obs[:, :, m], None if state is None else state[:, m])
-                            for m, net in enumerate(self.agents)], dim=2)
+        """`obs[B, T, M, D]`, `state[B, M, h]` (None: zeros) -> hidden states `[B, T, M, h]`.
+
+        The same computation as each agent's `AgentQNet.unroll`, done for the M agents at
+        once: their weights are stacked (each agent keeps its own parameters) so that the
+        encoder and the GRU's input projections of all T slots are two batched matmuls, and
+        each slot needs one batched `[M, B, h] x [M, h, 3h]` matmul plus the gate arithmetic
+        (GRUCell's equations). On the small nets here the per-call overhead dominates, so this
+        is about twice as fast as M x T separate GRUCell calls (benchmarks/bench_marl.py).
+        """
+        agents = self.agents
+        n_b, n_t, n_m, _ = obs.shape
+        h = self.hidden
+        enc_w = torch.stack([a.encoder.weight for a in agents])  # [M, h, D]
+        enc_b = torch.stack([a.encoder.bias for a in agents])  # [M, h]
+        w_ih = torch.stack([a.cell.weight_ih for a in agents])  # [M, 3h, h]
+        b_ih = torch.stack([a.cell.bias_ih for a in agents])
+        w_hh = torch.stack([a.cell.weight_hh for a in agents]).transpose(1, 2)  # [M, h, 3h]
+        b_hh = torch.stack([a.cell.bias_hh for a in agents])[:, None, :]  # [M, 1, 3h]
+        x = obs.permute(2, 1, 0, 3).reshape(n_m, n_t * n_b, -1)  # [M, T*B, D]
+        x = torch.relu(torch.baddbmm(enc_b[:, None, :], x, enc_w.transpose(1, 2)))
+        gi = torch.baddbmm(b_ih[:, None, :], x, w_ih.transpose(1, 2)).view(n_m, n_t, n_b, 3 * h)
+        s = obs.new_zeros(n_m, n_b, h) if state is None else state.transpose(0, 1)
+        states = []
+        for gi_t in gi.unbind(1):  # one backward node for all slots, not one per slice
+            gh = torch.baddbmm(b_hh, s, w_hh)  # [M, B, 3h]
+            i_r, i_z, i_n = gi_t.chunk(3, dim=-1)
+            h_r, h_z, h_n = gh.chunk(3, dim=-1)
+            r = torch.sigmoid(i_r + h_r)
+            z = torch.sigmoid(i_z + h_z)
+            n = torch.tanh(i_n + r * h_n)
+            s = n + z * (s - n)  # (1 - z) * n + z * s
+            states.append(s)
+        return torch.stack(states, dim=0).permute(2, 0, 1, 3)  # [T, M, B, h] -> [B, T, M, h]
 
     def q(self, hidden: Tensor, actions: Tensor) -> Tensor:
         """Q of the taken actions: `hidden[..., M, h]`, `actions[..., M]` -> `[..., M]`."""

@@ -56,7 +56,8 @@ def build_learner(cfg: Config, algo: str, obs_dim: int) -> QLearner:
     mc = cfg.marl
     return LEARNERS[algo](
         n_agents=cfg.scenario.n_bs, obs_dim=obs_dim, n_users=cfg.scenario.n_users,
-        hidden=mc.hidden, head=mc.head, gamma=mc.gamma, lr=mc.lr, double_q=mc.double_q,
+        hidden=mc.hidden, head=mc.head, head_bias_init=mc.head_bias_init,
+        reward_scale=mc.reward_scale, gamma=mc.gamma, lr=mc.lr, double_q=mc.double_q,
         target_update_epochs=mc.target_update_epochs, epsilon_start=mc.epsilon_start,
         epsilon_end=mc.epsilon_end, epsilon_decay_epochs=mc.epsilon_decay_epochs,
         exploration=mc.exploration,
