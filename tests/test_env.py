@@ -163,6 +163,21 @@ def test_observation_shape_range_and_masking(tiny):
         assert covered.any(), "the test needs some covered users"
 
 
+def test_bs_frame_observation_is_relative_to_the_observing_bs(tiny):
+    env = DntEnv(tiny, n_envs=16, seed=2, obs_frame="bs")
+    obs, covered = env.reset()
+    per_user = obs[..., : 3 * tiny.n_users].reshape(16, tiny.n_bs, tiny.n_users, 3)
+    bs = np.asarray(tiny.bs_positions)
+    expected = (env.state.user_xy[:, None] - bs[None, :, None]) / tiny.coverage_radius
+    np.testing.assert_allclose(per_user[..., :2][covered], expected[covered], rtol=1e-5, atol=1e-6)
+    assert np.all(per_user[..., :2][~covered] == 0.0)
+    # a covered user is within the coverage radius: inside the unit disc of its BS's frame
+    assert np.all(np.hypot(per_user[..., 0], per_user[..., 1]) <= 1.0 + 1e-6)
+    assert covered.any(), "the test needs some covered users"
+    with pytest.raises(ValueError, match="obs_frame"):
+        DntEnv(tiny, obs_frame="polar")
+
+
 def test_full_observation_tracks_uploads():
     sc = Scenario(n_users=3, bs_positions=((0.0, 0.0),), coverage_radius=500.0,
                   cloud_position=(0.0, 5.0), data_per_user=1e-6, episode_length=6)

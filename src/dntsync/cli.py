@@ -25,6 +25,7 @@ COMMANDS = {
     "figures": "dntsync.stages.figures",
     "report": "dntsync.stages.report",
     "pipeline": "dntsync.stages.pipeline",
+    "diagnose-learner": "dntsync.stages.diagnose",
 }
 
 

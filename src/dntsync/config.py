@@ -73,6 +73,9 @@ class EnvConfig:
     # "full": per user (x, y, covered) plus last-upload-succeeded and slots since the last
     # successful upload; "positions_only": the paper's local state alone (SPEC.md).
     observation: Literal["full", "positions_only"] = "full"
+    # users' (x, y) relative to the area ("area") or to the observing BS ("bs"); see
+    # dntsync.env.core.OBS_FRAMES
+    obs_frame: Literal["area", "bs"] = "area"
     # The twin's predictor of s-hat_t when no upload comes: "gru" loads `twin_checkpoint`.
     predictor: Literal["hold-last", "drift", "gru"] = "gru"
     twin_checkpoint: str = "models/twin.ckpt"

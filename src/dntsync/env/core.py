@@ -25,6 +25,10 @@ from dntsync.network.radio import coverage, draw_fading
 from dntsync.network.scenario import Scenario
 
 OBSERVATIONS = ("full", "positions_only")
+# Frame of the users' (x, y) in a BS's observation: "area": (xy - area centre) / half extent,
+# the same numbers for every BS; "bs": (xy - BS position) / coverage radius, so a covered
+# user lies in the unit disc of its BS's own frame (a local state).
+OBS_FRAMES = ("area", "bs")
 
 
 @dataclass(frozen=True)
@@ -60,18 +64,26 @@ class DntEnv:
         n_envs: int = 1,
         seed: int = 0,
         observation: str = "full",
+        obs_frame: str = "area",
     ) -> None:
         if n_envs < 1:
             raise ValueError(f"n_envs = {n_envs} is invalid: need >= 1")
         if observation not in OBSERVATIONS:
             raise ValueError(f"observation = {observation!r} is invalid: choose from {OBSERVATIONS}")
+        if obs_frame not in OBS_FRAMES:
+            raise ValueError(f"obs_frame = {obs_frame!r} is invalid: choose from {OBS_FRAMES}")
         self.scenario = scenario
         self.predictor = predictor if predictor is not None else HoldLast()
         self.n_envs = n_envs
         self.observation = observation
         self.move_probs = move_probabilities(scenario)
-        self._center = (scenario.area_low + scenario.area_high) / 2
-        self._half = (scenario.area_high - scenario.area_low) / 2
+        self.obs_frame = obs_frame
+        if obs_frame == "area":  # [1 or M, 2]: broadcast over the BSs
+            self._center = ((scenario.area_low + scenario.area_high) / 2)[None]
+            self._half = ((scenario.area_high - scenario.area_low) / 2)[None]
+        else:
+            self._center = np.asarray(scenario.bs_positions, dtype=np.float64)
+            self._half = np.full_like(self._center, scenario.coverage_radius)
         self._seed(seed)
         self.state: SlotState | None = None
 
@@ -127,8 +139,9 @@ class DntEnv:
         obs = np.empty((self.n_envs, self.n_agents, self.obs_dim), dtype=np.float32)
         per_user = obs[..., : 3 * n_users].reshape(self.n_envs, self.n_agents, n_users, 3)
         for c in range(2):  # x then y: numpy is slow on a length-2 innermost axis
-            scaled = (st.user_xy[..., c] - self._center[c]) / self._half[c]  # [B, U]
-            per_user[..., c] = np.where(st.covered, scaled[:, None, :], 0.0)
+            scaled = ((st.user_xy[:, None, :, c] - self._center[None, :, c, None])
+                      / self._half[None, :, c, None])  # [B, 1 or M, U]
+            per_user[..., c] = np.where(st.covered, scaled, 0.0)
         per_user[..., 2] = st.covered
         if self.observation == "full":
             obs[..., -2] = self._last_ok

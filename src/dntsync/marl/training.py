@@ -67,9 +67,9 @@ def build_learner(cfg: Config, algo: str, obs_dim: int) -> QLearner:
 def build_data(cfg: Config, predictor: Predictor, seed: int) -> EpisodeDataModule:
     mc = cfg.marl
     env = DntEnv(cfg.scenario, predictor, n_envs=mc.episodes_per_epoch, seed=seed,
-                 observation=cfg.env.observation)
+                 observation=cfg.env.observation, obs_frame=cfg.env.obs_frame)
     evaluation = Evaluation(cfg.scenario, predictor, mc.eval_episodes, mc.eval_seed,
-                            observation=cfg.env.observation)
+                            observation=cfg.env.observation, obs_frame=cfg.env.obs_frame)
     return EpisodeDataModule(env, evaluation, seed=seed, buffer_capacity=mc.buffer_capacity,
                              batches_per_epoch=mc.batches_per_epoch, batch_size=mc.batch_size)
 

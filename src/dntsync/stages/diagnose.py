@@ -1,0 +1,57 @@
+"""Whom a trained learner's BSs serve, beside two fixed reference policies.
+
+`dntsync diagnose-learner --model models/marl/vdn_seed0.ckpt` plays the model's greedy policy
+on the configured evaluation episodes (`marl.eval_seed`, `marl.eval_episodes`; use the same
+`--set` overrides the model was trained with) and prints, per BS, how often it uploads and
+which share of its single-covered and of its overlap users it serves, then the team reward
+of the learner, of `outer-only` (the middle BS serves nobody: the lazy equilibrium the
+learners tend to reach) and of `all-but-overlap` (the middle BS also serves the users only
+it covers). See `dntsync.marl.diagnose`; `--out FILE` also writes the numbers as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dntsync.config import Config
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", required=True, help="a Q-network file of train-marl")
+    parser.add_argument("--out", default=None, help="also write the numbers to this JSON file")
+
+
+def run(cfg: Config, args) -> int:
+    import torch
+
+    from dntsync.env.core import DntEnv
+    from dntsync.env.evaluate import Evaluation
+    from dntsync.marl.diagnose import diagnose
+    from dntsync.marl.learners import LEARNERS
+    from dntsync.stages.common import build_predictor
+
+    path = Path(args.model)
+    if not path.exists():
+        raise FileNotFoundError(f"--model {path} does not exist; train it with `dntsync train-marl`")
+    algo = torch.load(path, map_location="cpu", weights_only=False)["dntsync"]["algo"]
+    learner = LEARNERS[algo].load_from_checkpoint(str(path), map_location="cpu")
+    predictor, description = build_predictor(cfg)
+    mc, env_cfg = cfg.marl, cfg.env
+    env = DntEnv(cfg.scenario, predictor, n_envs=mc.eval_episodes, seed=mc.eval_seed,
+                 observation=env_cfg.observation, obs_frame=env_cfg.obs_frame)
+    evaluation = Evaluation(cfg.scenario, predictor, mc.eval_episodes, mc.eval_seed,
+                            observation=env_cfg.observation, obs_frame=env_cfg.obs_frame)
+    result = {"model": str(path), "algo": algo, "predictor": description,
+              **diagnose(learner, env, evaluation, seed=mc.eval_seed)}
+    print(f"{path} ({algo}, predictor {description}), greedy, {mc.eval_episodes} episodes:")
+    print("  BS  upload  serves single-covered  serves overlap users")
+    for m, row in enumerate(result["profile"]):
+        print(f"  {m:>2}  {row['upload']:6.2f}  {row['served_single']:21.2f}  {row['served_overlap']:20.2f}")
+    print(f"team reward per step: learner {result['learner_team_reward']:.2f}, "
+          + ", ".join(f"{k} {v:.2f}" for k, v in result["reference"].items())
+          + f" (lazy BS: {result['lazy_bs']})")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    return 0
