@@ -157,6 +157,9 @@ class MarlConfig:
     # the TD targets use reward / reward_scale: Q values of order 1 instead of the reward's
     # order 10-20 (the greedy policy is unchanged by a positive scale; Adam's steps are not)
     reward_scale: float = 1.0
+    # flat head: update only the rows of the sampled actions (SparseAdam, "lazy" Adam) instead
+    # of all 2^(U+1) rows every update; the cost then follows the batch, not 2^(U+1)
+    sparse_head: bool = True
     episodes_per_epoch: int = 32  # D, collected with epsilon-greedy each epoch
     batches_per_epoch: int = 24
     batch_size: int = 16  # episodes per minibatch

@@ -11,8 +11,13 @@
 4. `td_terms` (the only thing a subclass defines) says what is compared: VDN sums the
    agents (Q_tot, eq. 19) against the team reward (eqs. 21-22); IQL keeps each agent on its
    own local reward (eq. 37);
-5. squared TD error averaged over real slots; Lightning clips the gradient norm
-   (`marl.grad_clip`) and Adam steps (eq. 23 with Adam as the SGD method).
+5. squared TD error averaged over real slots; the gradient norm is clipped (`marl.grad_clip`,
+   over every parameter, as `torch.nn.utils.clip_grad_norm_`) and Adam steps (eq. 23 with
+   Adam as the SGD method). With `sparse_head` (flat head only) the head's gradient holds
+   just the rows of the actions in the minibatch and `torch.optim.SparseAdam` (Adam's
+   "lazy" variant: moments and weights of the other rows wait until their action is next
+   sampled) updates those rows; the rest of the network keeps Adam. The optimisation is
+   therefore written out in `training_step` (Lightning's manual optimisation).
 
 The target nets are synced every `target_update_epochs` epochs (Sec. III-D: "updated every
 several training epochs"). Greedy evaluation is Lightning's validation: the batch is an
@@ -66,6 +71,26 @@ def explore_bits(greedy: np.ndarray, covered: np.ndarray, epsilon: float,
 EXPLORATION = {"action": explore_actions, "bit": explore_bits}
 
 
+def clip_grad_norm(parameters: list[torch.nn.Parameter], max_norm: float) -> Tensor:
+    """`torch.nn.utils.clip_grad_norm_` (2-norm over all gradients, scaled by
+    max_norm / (norm + 1e-6) when above) for a mix of dense and sparse gradients; sparse ones
+    are coalesced first (an embedding's gradient repeats a row once per lookup)."""
+    grads = []
+    for p in parameters:
+        if p.grad is not None:
+            if p.grad.is_sparse:
+                p.grad = p.grad.coalesce()
+            grads.append(p.grad)
+    if not grads:
+        return torch.zeros(())
+    total = torch.stack([(g.values() if g.is_sparse else g).pow(2).sum() for g in grads]).sum().sqrt()
+    coef = max_norm / (total + 1e-6)
+    if coef < 1:
+        for g in grads:
+            (g.values() if g.is_sparse else g).mul_(coef)
+    return total
+
+
 class QPolicy:
     """Acts with the online nets, epsilon-greedily over valid actions (an `EpisodePolicy`);
     `exploration` names how (`EXPLORATION`: "action" or "bit")."""
@@ -101,13 +126,15 @@ class QLearner(pl.LightningModule):
 
     def __init__(self, n_agents: int, obs_dim: int, n_users: int, *, hidden: int = 128,
                  head: str = "flat", head_bias_init: float | None = None,
-                 reward_scale: float = 1.0, gamma: float = 0.2, lr: float = 1e-4,
+                 reward_scale: float = 1.0, sparse_head: bool = False, grad_clip: float = 10.0,
+                 gamma: float = 0.2, lr: float = 1e-4,
                  double_q: bool = True, target_update_epochs: int = 2,
                  epsilon_start: float = 1.0, epsilon_end: float = 0.05,
                  epsilon_decay_epochs: int = 50, exploration: str = "action") -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.online = AgentQNets(n_agents, obs_dim, hidden, n_users, head)  # theta_m
+        self.automatic_optimization = False  # two optimisers with `sparse_head`: see training_step
+        self.online = AgentQNets(n_agents, obs_dim, hidden, n_users, head, sparse_head)  # theta_m
         if head_bias_init is not None:
             self.online.init_head_bias_(head_bias_init)
         self.target = copy.deepcopy(self.online)  # theta~_m
@@ -157,7 +184,15 @@ class QLearner(pl.LightningModule):
         return (((q - target) * mask) ** 2).sum() / mask.sum()  # eq. (22) / (37)
 
     def training_step(self, batch: EpisodeBatch, batch_idx: int) -> Tensor:
+        optimizers = self.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
         loss = self.td_loss(batch)
+        for opt in optimizers:
+            opt.zero_grad()
+        self.manual_backward(loss)
+        clip_grad_norm(list(self.online.parameters()), self.hparams.grad_clip)
+        for opt in optimizers:
+            opt.step()
         self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=batch.obs.shape[0])
         return loss
 
@@ -174,8 +209,15 @@ class QLearner(pl.LightningModule):
                        "step": float(self.current_epoch + 1)}, batch_size=1)
 
     def configure_optimizers(self):
-        # fused: one kernel over all parameters; the flat heads hold 2^(U+1) x h weights each
-        return torch.optim.Adam(self.online.parameters(), lr=self.hparams.lr, fused=True)
+        sparse = {id(p) for p in self.online.sparse_parameters()}
+        dense = [p for p in self.online.parameters() if id(p) not in sparse]
+        # fused: one kernel over all parameters (without sparse_head the flat heads hold
+        # 2^(U+1) x h weights each)
+        optimizers = [torch.optim.Adam(dense, lr=self.hparams.lr, fused=True)]
+        if sparse:
+            optimizers.append(torch.optim.SparseAdam(self.online.sparse_parameters(),
+                                                     lr=self.hparams.lr))
+        return optimizers
 
 
 class VDN(QLearner):

@@ -57,7 +57,7 @@ def build_learner(cfg: Config, algo: str, obs_dim: int) -> QLearner:
     return LEARNERS[algo](
         n_agents=cfg.scenario.n_bs, obs_dim=obs_dim, n_users=cfg.scenario.n_users,
         hidden=mc.hidden, head=mc.head, head_bias_init=mc.head_bias_init,
-        reward_scale=mc.reward_scale, gamma=mc.gamma, lr=mc.lr, double_q=mc.double_q,
+        reward_scale=mc.reward_scale, sparse_head=mc.sparse_head, grad_clip=mc.grad_clip, gamma=mc.gamma, lr=mc.lr, double_q=mc.double_q,
         target_update_epochs=mc.target_update_epochs, epsilon_start=mc.epsilon_start,
         epsilon_end=mc.epsilon_end, epsilon_decay_epochs=mc.epsilon_decay_epochs,
         exploration=mc.exploration,
@@ -231,7 +231,7 @@ def fit_marl(cfg: Config, *, algo: str | None = None, seed: int | None = None,
             max_epochs=cfg.marl.epochs, accelerator="cpu", devices=1, logger=logger,
             callbacks=all_callbacks, enable_checkpointing=write_outputs,
             enable_progress_bar=enable_progress_bar, enable_model_summary=False,
-            gradient_clip_val=cfg.marl.grad_clip, check_val_every_n_epoch=cfg.marl.eval_every,
+            check_val_every_n_epoch=cfg.marl.eval_every,  # clipping: QLearner.training_step
             num_sanity_val_steps=0, log_every_n_steps=1, default_root_dir=paths.checkpoints,
         )
         trainer.fit(learner, datamodule=data, ckpt_path=ckpt_path)
