@@ -1,13 +1,17 @@
 """End to end: the real `dvc repro` on the tiny profile in a temporary git repository.
 
 `dntsync pipeline --profile conf/profiles/tiny.yaml --dest <tmp>` copies the project, overlays
-the profile on its params and reproduces every stage there under one MLflow parent run.
+the profile on its params and reproduces every stage there under one MLflow parent run. On
+that project, the README's commands to read and change it: `dvc dag`, `dvc metrics show`,
+`dvc plots show`, `mlflow ui` and `dvc exp run -S ...` (tests/test_readme.py lists them all).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -16,10 +20,13 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT
+from test_readme import free_port, http, serving
 
 pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
+STAGES = ["generate", "train_twin", "train_marl", "sweep@fig4", "sweep@fig5", "episode_fig6",
+          "figures", "report"]
 FIGURES = ["fig2_twin_trajectories.png", "fig3_convergence.png", "fig4_eps.png",
            "fig5_users.png", "fig6_episode.png"]
 
@@ -103,3 +110,106 @@ def test_second_repro_does_nothing_and_an_edit_reruns_only_its_dependents(projec
     finally:
         params.write_text(original)
     assert changed_stages(project) == set()
+
+
+# ---------------------------------------------------------------------- README commands
+def test_dvc_dag_draws_every_stage(project):
+    drawing = dvc(project, "dag")
+    for stage in STAGES:
+        assert f"| {stage} |" in drawing, stage
+    # the edges, as the README's stage table chains them
+    edges = set(re.findall(r'"(\S+)" -> "(\S+)"', dvc(project, "dag", "--dot")))
+    assert {("generate", "train_twin"), ("train_twin", "train_marl"), ("train_twin", "sweep@fig5"),
+            ("sweep@fig5", "episode_fig6"), ("train_marl", "figures"), ("figures", "report"),
+            ("episode_fig6", "figures")} <= edges
+
+
+def test_dvc_metrics_show_lists_every_metrics_file(project):
+    table = dvc(project, "metrics", "show")
+    for path in ("metrics/twin.json", "metrics/sweep_fig4.json", "metrics/sweep_fig5.json"):
+        assert path in table, path
+    assert "one_step.overall.twin_ratio" in table
+    # the numbers are the files' (DVC leaves out the lists, e.g. per-user errors)
+    shown = json.loads(dvc(project, "metrics", "show", "--json"))[""]["data"]
+    twin = json.loads((project / "metrics/twin.json").read_text())
+    shown_twin = shown["metrics/twin.json"]["data"]
+    assert shown_twin["one_step"]["overall"] == twin["one_step"]["overall"]
+    assert shown_twin["training"] == twin["training"]
+
+
+def test_dvc_plots_show_writes_the_html_page(project):
+    page = project / "dvc_plots" / "index.html"
+    try:
+        out = dvc(project, "plots", "show")
+        assert str(page) in out
+        html = page.read_text()
+        # every plots source of dvc.yaml: Fig. 2's points and the figures' data
+        for source in ("fig2_twin_trajectories.csv", "figures/data/fig4_eps.csv",
+                       "figures/data/fig5_users.csv", "figures/data/fig6_episode.csv"):
+            assert source in html, source
+    finally:
+        shutil.rmtree(project / "dvc_plots", ignore_errors=True)
+
+
+def test_mlflow_ui_serves_the_runs(project, tmp_path):
+    """`mlflow ui --backend-store-uri sqlite:///mlflow.db` in the project (plus `--port`):
+    the web page, and through the REST API every stage kind's experiment and the runs."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with serving([str(BIN / "mlflow"), "ui", "--backend-store-uri", "sqlite:///mlflow.db",
+                  "--port", str(port)], cwd=project, probe=f"{base}/health",
+                 log=tmp_path / "mlflow-ui.log"):
+        status, body = http(f"{base}/")
+        assert status == 200 and b"<html" in body.lower()
+        status, body = http(f"{base}/api/2.0/mlflow/experiments/search", {"max_results": 100})
+        assert status == 200, body
+        ids = {e["name"]: e["experiment_id"] for e in json.loads(body)["experiments"]}
+        # one experiment per stage kind, as the README lists them
+        assert {"dntsync-twin", "dntsync-marl", "dntsync-tune", "dntsync-pipeline"} <= set(ids)
+        status, body = http(f"{base}/api/2.0/mlflow/runs/search",
+                            {"experiment_ids": [ids["dntsync-marl"]], "max_results": 100})
+        runs = json.loads(body)["runs"]
+        assert len(runs) == 20 and all(r["info"]["status"] == "FINISHED" for r in runs)
+        tags = {t["key"]: t["value"] for t in runs[0]["data"]["tags"]}
+        assert {"dvc_stage", "git_commit", "mlflow.parentRunId"} <= set(tags)
+
+
+def test_dvc_exp_run_reruns_the_dependents_of_a_changed_parameter(project, tmp_path):
+    """`dvc exp run -S conf/params.yaml:scenario.n_rbs=9` in a copy of the project (it leaves
+    its results in the workspace): the learners are trained again with N = 9, the paths and
+    the twin are not, and the experiment is recorded with its parameter and outputs.
+
+    On the tiny profile (6 users) 9 RBs are never short, so the learners' rewards do not
+    change; what is checked is that the stages reading `scenario` ran on the new value.
+    `dvc exp show` has no metric values for the experiment: `metrics/` is git-ignored and
+    its files are `cache: false` outputs, so only their hashes (dvc.lock) are recorded."""
+    copy = tmp_path / "proj"
+    shutil.copytree(project, copy, symlinks=True)
+
+    def workspace() -> dict:
+        [row] = [r for r in json.loads(dvc(copy, "exp", "show", "--json")) if r["rev"] == "workspace"]
+        return row["data"]
+
+    before = workspace()
+    marl_before = (copy / "metrics/marl/marl_vdn_seed0.json").read_text()
+    # `dvc()` puts this venv's scripts first on PATH: the stages call `dntsync`, so the
+    # README's `.venv/bin/dvc exp run ...` fails ("dntsync: command not found") without it
+    out = dvc(copy, "exp", "run", "-S", "conf/params.yaml:scenario.n_rbs=9")
+    assert "Stage 'train_twin' didn't change, skipping" in out
+    assert "Running stage 'train_marl'" in out
+    assert changed_stages(copy) == set()  # the workspace holds the experiment's results
+
+    marl_after = json.loads((copy / "metrics/marl/marl_vdn_seed0.json").read_text())
+    assert marl_after["scenario"]["n_rbs"] == 9
+    assert json.loads(marl_before)["scenario"]["n_rbs"] == 12
+    shows = json.loads(dvc(copy, "exp", "show", "--json"))
+    [baseline] = [r for r in shows if r["rev"] != "workspace"]
+    [experiment] = [rev for e in baseline["experiments"] for rev in e["revs"]]
+    data = experiment["data"]
+    assert data["params"]["conf/params.yaml"]["data"]["scenario"]["n_rbs"] == 9
+    assert baseline["data"]["params"]["conf/params.yaml"]["data"]["scenario"]["n_rbs"] == 12
+    # the experiment's outputs: the learners' metrics new, the data and the twin the same
+    hashes = {path: out["hash"] for path, out in data["outs"].items()}
+    for path in ("data/trajectories.npz", "models/twin.ckpt"):
+        assert hashes[path] == before["outs"][path]["hash"], path
+    assert hashes["metrics/marl"] != before["outs"]["metrics/marl"]["hash"]
