@@ -30,7 +30,7 @@ def tiny_config(tmp_path: Path, **marl) -> object:
                 "batch_size": 4, "buffer_capacity": 16, "eval_every": 1, "eval_episodes": 4,
                 "epsilon_decay_epochs": 2, "target_update_epochs": 1, "seeds": [0],
                 "model_dir": str(tmp_path / "models"), "metrics_dir": str(tmp_path / "metrics"),
-                "checkpoint_dir": str(tmp_path / "checkpoints"), **marl}
+                "checkpoint_dir": str(tmp_path / "checkpoints"), "checkpoint_every": 1, **marl}
     return from_dict({"scenario": TINY, "env": {"predictor": "drift"}, "marl": settings,
                       "tracking": {"mlflow_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}})
 
@@ -340,6 +340,18 @@ def test_resume_continues_exactly_from_the_last_checkpoint(tmp_path):
     assert other["resumed_from"] is None
 
 
+def test_checkpoint_every_k_epochs_resumes_from_the_last_multiple(tmp_path):
+    kwargs = dict(algo="vdn", seed=0, enable_progress_bar=False, log_mlflow=False)
+    straight = fit_marl(tiny_config(tmp_path / "straight", epochs=4), **kwargs)
+    with pytest.raises(RuntimeError, match="power cut"):  # cut after 3 epochs: saved after 2
+        fit_marl(tiny_config(tmp_path / "cut", epochs=4, checkpoint_every=2),
+                 callbacks=[PowerCut(3)], **kwargs)
+    ckpt = torch.load(tmp_path / "cut/checkpoints/vdn_seed0/last.ckpt", weights_only=True)
+    assert ckpt["epoch"] == 1  # 0-based: the second epoch was the last one written
+    resumed = fit_marl(tiny_config(tmp_path / "cut", epochs=4, checkpoint_every=2), **kwargs)
+    assert resumed["resumed_from"].endswith("last.ckpt") and resumed["eval"] == straight["eval"]
+
+
 def test_cli_trains_every_seed_and_aggregates(tmp_path, monkeypatch):
     from dntsync.cli import main
 
@@ -358,6 +370,7 @@ def test_cli_trains_every_seed_and_aggregates(tmp_path, monkeypatch):
     assert summary["head"] == "factorised" and "ratio_to_oracle" in summary
     assert (tmp_path / "models/iql.ckpt").exists()
     assert (tmp_path / "metrics/curves/marl_iql_seed1.csv").exists()
+    assert not list((tmp_path / "checkpoints").glob("*/last.ckpt"))  # finished: state deleted
     # Fig. 3 from what the stage wrote: a band over the two seeds, oracle and best heuristic
     from dntsync.plots import convergence_figure, read_curves, reference_lines
 

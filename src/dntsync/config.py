@@ -185,6 +185,11 @@ class MarlConfig:
     model_dir: str = "models/marl"
     metrics_dir: str = "metrics/marl"
     checkpoint_dir: str = "checkpoints"
+    # the resumable state is written every this many epochs (an interrupted run repeats at
+    # most this many); it holds nets, target nets, Adam moments and the replay, so at U = 16
+    # (2^17 actions per flat head) it is about 0.8 GB and writing it every epoch would cost
+    # more than the training. Sweeps delete it once a run has finished.
+    checkpoint_every: int = 5
 
     def validate(self, key: str = "marl") -> None:
         _need(self.epochs >= 1, f"{key}.epochs", self.epochs, "need G >= 1")
@@ -193,7 +198,7 @@ class MarlConfig:
         _need(self.hidden >= 1, f"{key}.hidden", self.hidden, "need >= 1")
         _need(self.reward_scale > 0, f"{key}.reward_scale", self.reward_scale, "need > 0")
         for name in ("episodes_per_epoch", "batches_per_epoch", "batch_size", "buffer_capacity",
-                     "epsilon_decay_epochs", "target_update_epochs", "eval_every",
+                     "epsilon_decay_epochs", "target_update_epochs", "eval_every", "checkpoint_every",
                      "eval_episodes"):
             _need(getattr(self, name) >= 1, f"{key}.{name}", getattr(self, name), "need >= 1")
         _need(self.buffer_capacity >= self.batch_size, f"{key}.buffer_capacity",

@@ -43,7 +43,7 @@ CURVE_COLUMNS = ("epoch", "train_reward", *(f"train_{k}" for k in METRICS[1:]), 
 # Knobs a resumed run may change: training longer, the stage's list of seeds, threads, where
 # outputs go.
 RESUMABLE_CHANGES = ("epochs", "seeds", "torch_threads", "model_dir", "metrics_dir",
-                     "checkpoint_dir")
+                     "checkpoint_dir", "checkpoint_every")
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*IterableDataset.*has `__len__` defined.*")
@@ -221,9 +221,10 @@ def fit_marl(cfg: Config, *, algo: str | None = None, seed: int | None = None,
     ckpt_path = None
     if write_outputs:
         ckpt_path = resume_path(paths, run_fingerprint(cfg, predictor_description))
-        # `last.ckpt` overwritten after every epoch (after the learner's epoch-end target sync)
+        # `last.ckpt` overwritten every `checkpoint_every` epochs (after the learner's
+        # epoch-end target sync)
         all_callbacks.append(ModelCheckpoint(dirpath=paths.checkpoints, filename="last",
-                                             save_top_k=1, every_n_epochs=1,
+                                             save_top_k=1, every_n_epochs=cfg.marl.checkpoint_every,
                                              enable_version_counter=False))
 
     def train(logger) -> None:

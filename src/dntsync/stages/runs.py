@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import multiprocessing
+import shutil
 from pathlib import Path
 
 from tqdm import tqdm
@@ -50,6 +51,9 @@ def train_point_learner(cfg: Config, algo: str, seed: int) -> dict:
     report = fit_marl(cfg, algo=algo, seed=seed, enable_progress_bar=False)
     report["config"] = to_plain(cfg)
     metrics.write_text(json.dumps(report, indent=1))
+    # finished (the metrics file says so): the resumable state is no longer needed, and at
+    # large U it is hundreds of MB per run
+    shutil.rmtree(RunPaths.of(cfg, algo, seed).checkpoints, ignore_errors=True)
     return report
 
 
