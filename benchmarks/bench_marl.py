@@ -12,8 +12,10 @@ Setting: SPEC.md's default scenario (U = 12, M = 3, N = 12, T = 30), `conf/param
    collection, forward, backward, optimiser, evaluation (greedy evaluation during training
    plus the final one and the baselines) and the rest (Lightning, logging). Target: <= 5 min.
 3. **heads**: one training update and its peak memory at U = 12 and U = 16 (2^13 and 2^17
-   actions) for the flat head with gathered valid actions (ours), the same flat head
-   computed naively (full 2^(U+1) matmul, then masked), and the factorised head. Each
+   actions) for the flat head with gathered valid actions and row-sparse updates (ours,
+   `marl.sparse_head`), the same with dense updates of all 2^(U+1) rows by Adam
+   (`gathered-dense`), the flat head computed naively (full 2^(U+1) matmul, then masked,
+   dense updates), and the factorised head. Each
    variant runs in a fresh subprocess; peak memory is the process's peak RSS minus its RSS
    just before the first update (so it counts activations, gradients and optimiser state
    created by training, not the imports).
@@ -79,6 +81,7 @@ class NaiveFlatHead(torch.nn.Module):
     def __init__(self, head) -> None:
         super().__init__()
         self.inner = head
+        self.sparse_grad = False  # all 2^(U+1) outputs: a dense gradient, plain Adam
 
     def q(self, x, actions):
         return self.inner.all_q(x).gather(1, actions[:, None]).squeeze(1)
@@ -95,8 +98,11 @@ class NaiveFlatHead(torch.nn.Module):
 
 
 def _update_times(learner, data, batch_size: int, repeats: int, grad_clip: float) -> dict:
-    """Median forward / backward / optimiser times of one training update."""
-    opt = learner.configure_optimizers()
+    """Median forward / backward / optimiser times of one training update (as
+    `QLearner.training_step`: Adam, plus SparseAdam on the flat heads with `sparse_head`)."""
+    from dntsync.marl.learners import clip_grad_norm
+
+    optimizers = learner.configure_optimizers()
     rng = np.random.default_rng(0)
     parts = {"forward": [], "backward": [], "optimizer": [], "update": []}
     for i in range(repeats + 1):
@@ -104,11 +110,13 @@ def _update_times(learner, data, batch_size: int, repeats: int, grad_clip: float
         t0 = time.perf_counter()
         loss = learner.td_loss(batch)
         t1 = time.perf_counter()
-        opt.zero_grad()
+        for opt in optimizers:
+            opt.zero_grad()
         loss.backward()
         t2 = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(learner.online.parameters(), grad_clip)
-        opt.step()
+        clip_grad_norm(list(learner.online.parameters()), grad_clip)
+        for opt in optimizers:
+            opt.step()
         t3 = time.perf_counter()
         if i > 0:  # the first one warms up allocators and caches
             for k, v in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
@@ -213,8 +221,9 @@ def bench_full_run(algo: str = "vdn") -> dict:
 def head_variant(n_users: int, variant: str, repeats: int) -> dict:
     """One variant in this process (called in a subprocess by `bench_heads`)."""
     head = "factorised" if variant == "factorised" else "flat"
+    sparse = "true" if variant == "gathered" else "false"  # gathered-dense: all rows, Adam
     cfg, data, learner = _setup([f"scenario.n_users={n_users}", f"marl.head={head}",
-                                 "marl.episodes_per_epoch=32"])
+                                 "marl.episodes_per_epoch=32", f"marl.sparse_head={sparse}"])
     data.collect(0)
     if variant == "naive":
         for nets in (learner.online, learner.target):
@@ -232,7 +241,7 @@ def head_variant(n_users: int, variant: str, repeats: int) -> dict:
 def bench_heads(repeats: int, threads: int) -> dict:
     out: dict = {}
     for n_users in (12, 16):
-        for variant in ("gathered", "naive", "factorised"):
+        for variant in ("gathered", "gathered-dense", "naive", "factorised"):
             cmd = [sys.executable, __file__, "--head-variant", f"{n_users}:{variant}",
                    "--repeats", str(repeats), "--threads", str(threads)]
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
