@@ -69,5 +69,11 @@ def test_cli_prints_and_writes_the_diagnosis(tmp_path, capsys):
     assert "outer-only" in printed and "all-but-overlap" in printed
     data = json.loads(out.read_text())
     assert data["algo"] == "vdn" and len(data["profile"]) == 3
+    # a model trained with another predictor than the one configured: said, not hidden
+    other = tmp_path / "vdn_seed1.ckpt"
+    save_q_networks(lazy_middle_learner(SCENARIO), other, {"algo": "vdn", "seed": 1, "predictor": "hold-last"})
+    assert main(["diagnose-learner", "--model", str(other),
+                 *np.ravel([["--set", s] for s in sets]).tolist()]) == 0
+    assert "warning: " in capsys.readouterr().out
     with pytest.raises(FileNotFoundError, match="does not exist"):
         main(["diagnose-learner", "--model", str(tmp_path / "missing.ckpt")])

@@ -22,7 +22,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", default=None, help="also write the numbers to this JSON file")
 
 
-def run(cfg: Config, args) -> int:
+def diagnose_model(cfg: Config, path: Path) -> dict:
+    """The diagnosis of one saved model on `cfg`'s evaluation episodes (see the module doc);
+    "warning" says when `cfg`'s predictor differs from the one the model was trained with."""
     import torch
 
     from dntsync.env.core import DntEnv
@@ -31,10 +33,11 @@ def run(cfg: Config, args) -> int:
     from dntsync.marl.learners import LEARNERS
     from dntsync.stages.common import build_predictor
 
-    path = Path(args.model)
+    path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"--model {path} does not exist; train it with `dntsync train-marl`")
-    algo = torch.load(path, map_location="cpu", weights_only=False)["dntsync"]["algo"]
+    trained = torch.load(path, map_location="cpu", weights_only=False)["dntsync"]
+    algo = trained["algo"]
     learner = LEARNERS[algo].load_from_checkpoint(str(path), map_location="cpu")
     predictor, description = build_predictor(cfg)
     mc, env_cfg = cfg.marl, cfg.env
@@ -42,9 +45,20 @@ def run(cfg: Config, args) -> int:
                  observation=env_cfg.observation, obs_frame=env_cfg.obs_frame)
     evaluation = Evaluation(cfg.scenario, predictor, mc.eval_episodes, mc.eval_seed,
                             observation=env_cfg.observation, obs_frame=env_cfg.obs_frame)
-    result = {"model": str(path), "algo": algo, "predictor": description,
-              **diagnose(learner, env, evaluation, seed=mc.eval_seed)}
-    print(f"{path} ({algo}, predictor {description}), greedy, {mc.eval_episodes} episodes:")
+    warning = None
+    if trained.get("predictor") != description:
+        warning = (f"{path} was trained with predictor {trained.get('predictor')!r}, played here "
+                   f"with {description!r}: pass the same --set/--config as its training")
+    return {"model": str(path), "algo": algo, "predictor": description, "warning": warning,
+            **diagnose(learner, env, evaluation, seed=mc.eval_seed)}
+
+
+def run(cfg: Config, args) -> int:
+    result = diagnose_model(cfg, Path(args.model))
+    if result["warning"]:
+        print(f"warning: {result['warning']}")
+    print(f"{result['model']} ({result['algo']}, predictor {result['predictor']}), greedy, "
+          f"{cfg.marl.eval_episodes} episodes:")
     print("  BS  upload  serves single-covered  serves overlap users")
     for m, row in enumerate(result["profile"]):
         print(f"  {m:>2}  {row['upload']:6.2f}  {row['served_single']:21.2f}  {row['served_overlap']:20.2f}")

@@ -147,6 +147,29 @@ def wall_times(twin, marl, fig4, fig5) -> list[str]:
     return rows
 
 
+def diagnosis_table(cfg: Config) -> list[str]:
+    """Whom each BS serves in the first seed's Fig. 3 models (`dntsync diagnose-learner`),
+    beside the fixed `outer-only` and `all-but-overlap` policies; docs/learners.md explains."""
+    from dntsync.stages.diagnose import diagnose_model
+
+    rows = ["| model | BS: serves single-covered / overlap users | team reward | command |",
+            "|---|---|---|---|"]
+    references: dict = {}
+    for algo in cfg.sweeps.algos:
+        path = Path(cfg.marl.model_dir) / f"{algo}_seed{cfg.marl.seeds[0]}.ckpt"
+        if not path.exists():
+            continue
+        d = diagnose_model(cfg, path)
+        served = ", ".join(f"{m}: {p['served_single']:.2f} / {p['served_overlap']:.2f}"
+                           for m, p in enumerate(d["profile"]))
+        rows.append(f"| {algo.upper()} seed {cfg.marl.seeds[0]} | {served} | "
+                    f"{d['learner_team_reward']:.2f} | `dntsync diagnose-learner --model {path}` |")
+        references = d["reference"]
+    for name, reward in references.items():
+        rows.append(f"| {name} (fixed) | | {reward:.2f} | |")
+    return rows if references else []
+
+
 def build(cfg: Config) -> str:
     twin = load("twin.json")
     marl = {a: r for a in cfg.sweeps.algos
@@ -178,6 +201,14 @@ def build(cfg: Config) -> str:
         lines += ["## Learners beside the heuristics and the oracle (Fig. 3 setting)", "",
                   "Mean per-step values on the fixed evaluation episodes; the learners' spread is "
                   "over training seeds.", "", *learner_table(marl), ""]
+    diagnosis = diagnosis_table(cfg) if marl else []
+    if diagnosis:
+        lines += ["## Why the learners fall short of the heuristic", "",
+                  "The middle BS (index 1) overlaps both neighbours. `outer-only`: BSs 0 and 2 "
+                  "serve every covered user, BS 1 nobody; `all-but-overlap`: BS 1 also serves the "
+                  "users only it covers (both upload every slot). A learner at the `outer-only` "
+                  "reward has settled on the best policy that ignores where users are; "
+                  "docs/learners.md has the evidence and what was tried.", "", *diagnosis, ""]
     for name, sweep in (("Fig. 4", fig4), ("Fig. 5", fig5)):
         if sweep:
             lines += [f"## {name}: sweep over {sweep['key']} (fixed: {', '.join(sweep['fixed'])})", "",
