@@ -352,6 +352,27 @@ def test_checkpoint_every_k_epochs_resumes_from_the_last_multiple(tmp_path):
     assert resumed["resumed_from"].endswith("last.ckpt") and resumed["eval"] == straight["eval"]
 
 
+def test_greedy_evaluation_during_training_never_changes_the_training(tmp_path):
+    kwargs = dict(algo="vdn", seed=2, enable_progress_bar=False, log_mlflow=False)
+    often = fit_marl(tiny_config(tmp_path / "often", epochs=3, eval_every=1), **kwargs)
+    at_end = fit_marl(tiny_config(tmp_path / "end", epochs=3, eval_every=3), **kwargs)
+    assert often["eval"] == at_end["eval"]
+    a = final_weights(tmp_path / "often/models/vdn_seed2.ckpt")
+    b = final_weights(tmp_path / "end/models/vdn_seed2.ckpt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sweep_points_evaluate_at_the_end_unless_told(tmp_path):
+    from dntsync.config import apply_overrides
+    from dntsync.stages.sweep import point_config, sweep_points
+
+    cfg = tiny_config(tmp_path, epochs=7, eval_every=2)
+    point = sweep_points(cfg, "fig4")[0]
+    assert point_config(cfg, point).marl.eval_every == 7
+    every3 = apply_overrides(cfg, ["sweeps.eval_every=3"])
+    assert point_config(every3, point).marl.eval_every == 3
+
+
 def test_cli_trains_every_seed_and_aggregates(tmp_path, monkeypatch):
     from dntsync.cli import main
 

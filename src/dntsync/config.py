@@ -299,6 +299,9 @@ class SweepsConfig:
 
     algos: tuple[Literal["vdn", "iql"], ...] = ("vdn", "iql")
     workers: int = 2  # training runs in parallel (processes, one torch thread each)
+    # greedy evaluation of the sweep runs every this many epochs; null: only at the end
+    # (Figs. 4-6 use the final evaluation only; evaluating never changes training)
+    eval_every: int | None = None
     fig4: SweepConfig = field(default_factory=lambda: SweepConfig(
         "scenario.eps", (0.1, 0.25, 0.5, 0.8, 0.99), ("scenario.n_rbs=9",)))
     fig5: SweepConfig = field(default_factory=lambda: SweepConfig(
@@ -310,6 +313,8 @@ class SweepsConfig:
     def validate(self, key: str = "sweeps") -> None:
         _need(len(self.algos) >= 1, f"{key}.algos", self.algos, "need at least one of vdn, iql")
         _need(self.workers >= 1, f"{key}.workers", self.workers, "need >= 1")
+        _need(self.eval_every is None or self.eval_every >= 1, f"{key}.eval_every",
+              self.eval_every, "need >= 1, or null for the end of training only")
         self.fig4.validate(f"{key}.fig4")
         self.fig5.validate(f"{key}.fig5")
         _need(self.fig6_value in self.fig5.values, f"{key}.fig6_value", self.fig6_value,

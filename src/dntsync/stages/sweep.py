@@ -64,7 +64,8 @@ def point_config(base: Config, point: Point) -> Config:
     """The point's config: its overrides, its own output folders, its own twin if needed."""
     d = point.directory
     overrides = [*point.overrides, f"marl.model_dir={d}/models", f"marl.metrics_dir={d}/metrics",
-                 f"marl.checkpoint_dir={d}/checkpoints"]
+                 f"marl.checkpoint_dir={d}/checkpoints",
+                 f"marl.eval_every={base.sweeps.eval_every or base.marl.epochs}"]
     cfg = apply_overrides(base, overrides)
     if needs_own_twin(base, cfg):
         cfg = apply_overrides(cfg, [f"data.path={d}/twin/trajectories.npz",
