@@ -82,8 +82,8 @@ REGISTRY: dict[str, tuple[str, ...]] = {
     "dvc plots show": (f"{PIPELINE}::test_dvc_plots_show_writes_the_html_page",),
     "dntsync pipeline --profile conf/profiles/quick.yaml": (
         f"{ME}::test_quick_profile_lays_the_documented_reduced_copy", PIPELINE_E2E),
-    # Results so far
-    "dntsync train-marl --algo vdn": (f"{ME}::test_train_marl_with_an_override",),
+    # Results
+    "dntsync diagnose-learner": ("tests/test_diagnose.py::test_cli_prints_and_writes_the_diagnosis",),
     # Change the scenario
     "dntsync show-config --set scenario.n_users=20 --set scenario.n_rbs=9": (
         f"{ME}::test_show_config_applies_the_overrides",),

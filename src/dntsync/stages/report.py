@@ -152,7 +152,7 @@ def diagnosis_table(cfg: Config) -> list[str]:
     beside the fixed `outer-only` and `all-but-overlap` policies; docs/learners.md explains."""
     from dntsync.stages.diagnose import diagnose_model
 
-    rows = ["| model | BS: serves single-covered / overlap users | team reward | command |",
+    rows = ["| model | BS: serves single-covered / overlap users (— : none such) | team reward | command |",
             "|---|---|---|---|"]
     references: dict = {}
     for algo in cfg.sweeps.algos:
@@ -160,7 +160,8 @@ def diagnosis_table(cfg: Config) -> list[str]:
         if not path.exists():
             continue
         d = diagnose_model(cfg, path)
-        served = ", ".join(f"{m}: {p['served_single']:.2f} / {p['served_overlap']:.2f}"
+        share = lambda x: "—" if np.isnan(x) else f"{x:.2f}"  # noqa: E731 - no such users
+        served = ", ".join(f"{m}: {share(p['served_single'])} / {share(p['served_overlap'])}"
                            for m, p in enumerate(d["profile"]))
         rows.append(f"| {algo.upper()} seed {cfg.marl.seeds[0]} | {served} | "
                     f"{d['learner_team_reward']:.2f} | `dntsync diagnose-learner --model {path}` |")
