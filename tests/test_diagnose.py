@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from dntsync.env import DntEnv, Drift
+from dntsync.env import Drift
 from dntsync.env.evaluate import Evaluation
 from dntsync.marl import VDN
 from dntsync.marl.diagnose import diagnose, middle_bs, reference_policies
@@ -33,9 +33,8 @@ def lazy_middle_learner(scenario: Scenario) -> VDN:
 
 
 def test_a_lazy_middle_learner_is_profiled_and_matches_outer_only():
-    env = DntEnv(SCENARIO, Drift(SCENARIO), n_envs=16, seed=0)
     evaluation = Evaluation(SCENARIO, Drift(SCENARIO), 16, seed=500)
-    result = diagnose(lazy_middle_learner(SCENARIO), env, evaluation, seed=7)
+    result = diagnose(lazy_middle_learner(SCENARIO), evaluation)
     assert result["lazy_bs"] == 1 == middle_bs(SCENARIO.bs_positions)
     outer, middle, right = result["profile"]
     assert outer["upload"] == middle["upload"] == right["upload"] == 1.0

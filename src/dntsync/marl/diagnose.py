@@ -19,28 +19,31 @@ import numpy as np
 import torch
 
 from dntsync.env.actions import decode, encode
-from dntsync.env.core import DntEnv, SlotState
-from dntsync.env.evaluate import Evaluation, rollout
+from dntsync.env.core import SlotState
+from dntsync.env.evaluate import METRICS, Evaluation, as_episode_policy, rollout, summarise
 
 
-def serving_profile(policy, env: DntEnv, seed: int) -> list[dict[str, float]]:
+def serving_profile(policy, evaluation: Evaluation) -> tuple[list[dict[str, float]], float]:
     """Per BS: share of slots it uploads, share of its single-covered users it serves and
-    share of its users in an overlap (covered by several BSs) it serves."""
-    episodes = rollout(env, policy, seed=seed, record=True)
-    upload, serve = decode(episodes.actions, env.scenario.n_users)  # [B, T, M], [B, T, M, U]
-    covered = episodes.covered
+    share of its users in an overlap (covered by several BSs) it serves; and the policy's
+    mean team reward, from the same play of `evaluation`'s episodes (as `Evaluation.run`)."""
+    policy = as_episode_policy(policy)
+    played = [rollout(env, policy, seed=s, record=True)
+              for env, s in zip(evaluation.envs, evaluation.seeds)]
+    n_users = evaluation.envs[0].scenario.n_users
+    upload, serve = decode(np.concatenate([p.actions for p in played]), n_users)
+    covered = np.concatenate([p.covered for p in played])  # [B, T, M, U]
     n_covering = covered.sum(axis=2, keepdims=True)  # [B, T, 1, U]
     single, overlap = covered & (n_covering == 1), covered & (n_covering > 1)
-    out = []
-    for m in range(env.n_agents):
-        out.append({
-            "upload": float(upload[:, :, m].mean()),
-            "served_single": float(serve[:, :, m][single[:, :, m]].mean())
-            if single[:, :, m].any() else float("nan"),
-            "served_overlap": float(serve[:, :, m][overlap[:, :, m]].mean())
-            if overlap[:, :, m].any() else float("nan"),
-        })
-    return out
+
+    def share(m: int, mask: np.ndarray) -> float:  # of BS m's users under `mask`
+        return float(serve[:, :, m][mask[:, :, m]].mean()) if mask[:, :, m].any() else float("nan")
+
+    profile = [{"upload": float(upload[:, :, m].mean()),
+                "served_single": share(m, single), "served_overlap": share(m, overlap)}
+               for m in range(covered.shape[2])]
+    steps = summarise({k: np.concatenate([p.steps[k] for p in played]) for k in METRICS})
+    return profile, steps["team_reward"]["mean"]
 
 
 class _FixedPolicy:
@@ -76,13 +79,15 @@ def middle_bs(positions) -> int:
 
 
 @torch.no_grad()
-def diagnose(learner, env: DntEnv, evaluation: Evaluation, seed: int) -> dict:
-    """`serving_profile` of the learner's greedy policy and the reference policies' results."""
-    lazy = middle_bs(env.scenario.bs_positions)
-    refs = reference_policies(evaluation, lazy)
+def diagnose(learner, evaluation: Evaluation) -> dict:
+    """`serving_profile` of the learner's greedy policy and the reference policies' results,
+    all on `evaluation`'s episodes."""
+    lazy = middle_bs(evaluation.envs[0].scenario.bs_positions)
+    profile, reward = serving_profile(learner.greedy_policy(), evaluation)
     return {
-        "profile": serving_profile(learner.greedy_policy(), env, seed),
-        "learner_team_reward": evaluation.run(learner.greedy_policy())["team_reward"]["mean"],
+        "profile": profile,
+        "learner_team_reward": reward,
         "lazy_bs": lazy,
-        "reference": {k: v["team_reward"]["mean"] for k, v in refs.items()},
+        "reference": {k: v["team_reward"]["mean"]
+                      for k, v in reference_policies(evaluation, lazy).items()},
     }

@@ -27,7 +27,6 @@ def diagnose_model(cfg: Config, path: Path) -> dict:
     "warning" says when `cfg`'s predictor differs from the one the model was trained with."""
     import torch
 
-    from dntsync.env.core import DntEnv
     from dntsync.env.evaluate import Evaluation
     from dntsync.marl.diagnose import diagnose
     from dntsync.marl.learners import LEARNERS
@@ -41,8 +40,6 @@ def diagnose_model(cfg: Config, path: Path) -> dict:
     learner = LEARNERS[algo].load_from_checkpoint(str(path), map_location="cpu")
     predictor, description = build_predictor(cfg)
     mc, env_cfg = cfg.marl, cfg.env
-    env = DntEnv(cfg.scenario, predictor, n_envs=mc.eval_episodes, seed=mc.eval_seed,
-                 observation=env_cfg.observation, obs_frame=env_cfg.obs_frame)
     evaluation = Evaluation(cfg.scenario, predictor, mc.eval_episodes, mc.eval_seed,
                             observation=env_cfg.observation, obs_frame=env_cfg.obs_frame)
     warning = None
@@ -50,7 +47,7 @@ def diagnose_model(cfg: Config, path: Path) -> dict:
         warning = (f"{path} was trained with predictor {trained.get('predictor')!r}, played here "
                    f"with {description!r}: pass the same --set/--config as its training")
     return {"model": str(path), "algo": algo, "predictor": description, "warning": warning,
-            **diagnose(learner, env, evaluation, seed=mc.eval_seed)}
+            **diagnose(learner, evaluation)}
 
 
 def run(cfg: Config, args) -> int:
