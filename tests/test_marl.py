@@ -89,6 +89,69 @@ def test_flat_head_never_picks_an_invalid_action_even_with_a_huge_q():
     assert (best != invalid).all() and (values < 1e5).all()
 
 
+def test_flat_masked_max_of_all_agents_at_once_equals_each_head_alone(monkeypatch):
+    import dntsync.marl.networks as networks
+
+    torch.manual_seed(3)
+    heads = [FlatHead(8, 6) for _ in range(3)]
+    x = torch.randn(3, 300, 8)
+    covered = torch.rand(3, 300, 6) < torch.tensor([0.2, 0.5, 0.8])[:, None, None]
+    covered[:, :40] = covered[:, :1]  # rows sharing one pattern
+    covered[1, 50:60] = True  # every user covered: the largest k
+    covered[2, 60:70] = False  # no user covered
+    with torch.no_grad():
+        alone = [head.masked_max(x[m], covered[m]) for m, head in enumerate(heads)]
+        for budget in (networks.GATHER_BUDGET, 1):  # whole groups / one pattern per chunk
+            monkeypatch.setattr(networks, "GATHER_BUDGET", budget)
+            values, best = networks.flat_masked_max(heads, x, covered)
+            for m, (v, a) in enumerate(alone):
+                assert torch.equal(best[m], a)
+                torch.testing.assert_close(values[m], v)
+
+
+def _reference_unroll(nets, obs: torch.Tensor) -> torch.Tensor:
+    """Each agent's own `nn.GRUCell`, slot by slot (`AgentQNet.unroll`): `[B, T, M, h]`."""
+    return torch.stack([net.unroll(obs[:, :, m]) for m, net in enumerate(nets.agents)], dim=2)
+
+
+def test_gru_scan_gradient_is_exact():
+    from dntsync.marl.networks import gru_scan
+
+    torch.manual_seed(4)
+    shapes = {"gi": (2, 4, 3, 15), "w_hh": (2, 5, 15), "b_hh": (2, 1, 15), "s0": (2, 3, 5)}
+    args = [torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in shapes.values()]
+    frozen = tuple(torch.randn(*s, dtype=torch.float64) for s in shapes.values())
+    assert torch.autograd.gradcheck(gru_scan, args)
+    assert torch.autograd.gradcheck(lambda *a: gru_scan(*a, frozen=frozen)[0], args)
+
+
+def test_stacked_unroll_equals_each_agents_gru_cell_with_the_same_gradients():
+    from dntsync.marl.networks import AgentQNets
+
+    torch.manual_seed(5)
+    online, target = AgentQNets(3, 7, 16, 4), AgentQNets(3, 7, 16, 4)
+    target.requires_grad_(False)
+    obs = torch.randn(5, 6, 3, 7)
+    hidden, target_hidden = online.unroll_with_frozen(target, obs)
+    torch.testing.assert_close(hidden, _reference_unroll(online, obs))
+    torch.testing.assert_close(target_hidden, _reference_unroll(target, obs))
+    torch.testing.assert_close(online.unroll(obs), hidden)
+    assert not target_hidden.requires_grad
+    weights = torch.randn_like(hidden)
+    ours = torch.autograd.grad((hidden * weights).sum(), list(online.parameters()), allow_unused=True)
+    ref = torch.autograd.grad((_reference_unroll(online, obs) * weights).sum(),
+                              list(online.parameters()), allow_unused=True)
+    for a, b in zip(ours, ref):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b)
+    state = torch.randn(5, 3, 16)  # acting: one slot from a carried state
+    step = online.unroll(obs[:, :1], state)[:, 0]
+    ref_step = torch.stack([net.cell(torch.relu(net.encoder(obs[:, 0, m])), state[:, m])
+                            for m, net in enumerate(online.agents)], dim=1)
+    torch.testing.assert_close(step, ref_step)
+
+
 # ---------------------------------------------------------------------- losses by hand
 def episode_batch(scenario: Scenario, n_episodes: int, seed: int) -> EpisodeBatch:
     """Real recorded episodes (random valid actions), as the replay would serve them."""
