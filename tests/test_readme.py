@@ -72,7 +72,9 @@ REGISTRY: dict[str, tuple[str, ...]] = {
     "dvc dag": (f"{PIPELINE}::test_dvc_dag_draws_every_stage",),
     "dntsync generate": (PIPELINE_E2E, "tests/test_generate.py::test_generate_writes_the_dataset"),
     "dntsync train-twin": (PIPELINE_E2E, "tests/test_twin.py::test_cli_train_twin_end_to_end"),
-    "dntsync train-learners": (PIPELINE_E2E,),
+    "dntsync train-marl --algo vdn --seed 0": (PIPELINE_E2E,),  # the train_marl@<algo>-<seed> stages
+    "dvc --wait-for-lock repro --single-item train_marl@<algo>-<seed>": (
+        PIPELINE_E2E, f"{PIPELINE}::test_mlflow_holds_the_runs_under_one_parent"),
     "dntsync sweep fig4": (PIPELINE_E2E,),
     "dntsync episode-trace": (PIPELINE_E2E,),
     "dntsync figures": (PIPELINE_E2E,),

@@ -100,6 +100,13 @@ def run_fingerprint(cfg: Config, predictor_description: str) -> dict:
             "predictor": predictor_description}
 
 
+def drop_resumable_state(cfg: Config, algo: str, seed: int) -> None:
+    """Delete a finished run's `last.ckpt` (its outputs are written): it is only for resuming
+    an interrupted run, is 64 MB at U = 12 and hundreds at U = 16, and a rerun after a code
+    change must train afresh, not "resume" a finished run of the old code."""
+    shutil.rmtree(RunPaths.of(cfg, algo, seed).checkpoints, ignore_errors=True)
+
+
 def resume_path(paths: RunPaths, fingerprint: dict) -> Path | None:
     """`last.ckpt` if it was written by a run with the same fingerprint; else start afresh."""
     last, record = paths.checkpoints / "last.ckpt", paths.checkpoints / "run.json"
@@ -340,6 +347,16 @@ def fit_marl_seeds(cfg: Config, algo: str | None = None, **kwargs) -> dict:
     if kwargs.get("write_outputs", True):
         return write_summary(cfg, algo, reports)
     return aggregate(reports)
+
+
+def seed_summary(cfg: Config, algo: str) -> dict | None:
+    """`aggregate` of the per-seed reports `<metrics_dir>/marl_<algo>_seed<S>.json` of every
+    seed of `marl.seeds` (what the pipeline's `train_marl@<algo>-<S>` stages write); None
+    while any of them is missing."""
+    paths = [RunPaths.of(cfg, algo, s).metrics for s in cfg.marl.seeds]
+    if not all(p.exists() for p in paths):
+        return None
+    return aggregate([json.loads(p.read_text()) for p in paths])
 
 
 def write_summary(cfg: Config, algo: str, reports: list[dict]) -> dict:

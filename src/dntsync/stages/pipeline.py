@@ -62,7 +62,41 @@ def materialise(root: Path, profile: Path, dest: Path) -> Path:
     return dest
 
 
+def matrix_stages(cfg: Config) -> list[str]:
+    """The `train_marl` matrix of dvc.yaml: one stage per algorithm and seed."""
+    return [f"train_marl@{a}-{s}" for a in cfg.sweeps.algos for s in cfg.marl.seeds]
+
+
+def run_parallel(commands: list[list[str]], workers: int, **popen) -> int:
+    """Run the commands, `workers` at a time; the first non-zero exit code (or 0)."""
+    from tqdm import tqdm
+
+    waiting, running, failed = list(commands), [], 0
+    with tqdm(total=len(commands), desc=f"train_marl ({workers} at a time)") as bar:
+        while waiting or running:
+            while waiting and len(running) < workers and not failed:
+                running.append(subprocess.Popen(waiting.pop(0), **popen))
+            if not running:
+                break
+            time.sleep(0.5)
+            for proc in [p for p in running if p.poll() is not None]:
+                running.remove(proc)
+                failed = failed or proc.returncode
+                bar.update()
+    return failed
+
+
 def repro(cfg: Config, workdir: Path, force: bool = False) -> int:
+    """`dvc repro` of the whole pipeline; the `train_marl` matrix `sweeps.workers` at a time.
+
+    DVC runs one stage after another, but it releases its repository lock while a stage's
+    command runs (each stage still holds read locks on its deps and write locks on its
+    outs), so independent stages can be reproduced by several `dvc repro --single-item`
+    processes at once; `--wait-for-lock` makes them queue for the lock instead of failing
+    while another one saves its results. So: the stages up to the twin, then the learner
+    stages in parallel, then a plain `dvc repro`, which runs what is left and finds
+    everything else up to date. With `force`, one serial `dvc repro --force`.
+    """
     beside = Path(sys.executable).with_name("dvc")  # this venv's dvc first
     dvc = str(beside) if beside.exists() else shutil.which("dvc") or "dvc"
     start = time.perf_counter()
@@ -72,13 +106,21 @@ def repro(cfg: Config, workdir: Path, force: bool = False) -> int:
         # stages call `dntsync`: make this interpreter's scripts folder (the venv's) findable
         path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
         env = dict(os.environ, PATH=path, **{PARENT_ENV: run.info.run_id})
-        cmd = [dvc, "repro", *(["--force"] if force else [])]
-        result = subprocess.run(cmd, cwd=workdir, env=env)
+        if force:
+            returncode = subprocess.run([dvc, "repro", "--force"], cwd=workdir, env=env).returncode
+        else:
+            returncode = subprocess.run([dvc, "repro", "train_twin"], cwd=workdir, env=env).returncode
+            if returncode == 0:
+                returncode = run_parallel(
+                    [[dvc, "--wait-for-lock", "repro", "--single-item", stage]
+                     for stage in matrix_stages(cfg)], cfg.sweeps.workers, cwd=workdir, env=env)
+            if returncode == 0:
+                returncode = subprocess.run([dvc, "repro"], cwd=workdir, env=env).returncode
         import mlflow
 
         mlflow.log_metric("wall_time_s", time.perf_counter() - start)
-        mlflow.set_tag("dvc_repro_returncode", str(result.returncode))
-    return result.returncode
+        mlflow.set_tag("dvc_repro_returncode", str(returncode))
+    return returncode
 
 
 def run(cfg: Config, args) -> int:

@@ -61,7 +61,7 @@ def claims_table(twin: dict | None, marl: dict, fig4: dict | None, fig5: dict | 
                 candidates.append((f"{sweep['key']}={p['value']}", gm, gs))
         best = max(candidates, key=lambda c: c[1])
         rows.append(f"| VDN's reward over IQL's, Fig. 3 (eps 0.3, N 12) | up to +28.96% | {fmt(m, s)} "
-                    f"| {verdict(m, 0.2896)} | `dvc repro train_marl` |")
+                    f"| {verdict(m, 0.2896)} | `dvc repro train_marl` (one stage per algorithm and seed) |")
         rows.append(f"| ... largest over all our settings | +28.96% | {fmt(best[1], best[2])} at {best[0]} "
                     f"| {verdict(best[1], 0.2896)} | `dvc repro` |")
     for sweep, value, key, paper, label, relative in (
@@ -173,8 +173,9 @@ def diagnosis_table(cfg: Config) -> list[str]:
 
 def build(cfg: Config) -> str:
     twin = load("twin.json")
-    marl = {a: r for a in cfg.sweeps.algos
-            if (r := load(f"marl_{a}.json", Path(cfg.marl.metrics_dir))) is not None}
+    from dntsync.marl.training import seed_summary
+
+    marl = {a: r for a in cfg.sweeps.algos if (r := seed_summary(cfg, a)) is not None}
     fig4, fig5, fig6 = load("sweep_fig4.json"), load("sweep_fig5.json"), load("fig6_episode.json")
     first = next(iter(marl.values()), {})
     lines = ["# Results", "",

@@ -11,7 +11,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import multiprocessing
-import shutil
 from pathlib import Path
 
 from tqdm import tqdm
@@ -41,7 +40,7 @@ def train_point_twin(cfg: Config) -> dict:
 
 def train_point_learner(cfg: Config, algo: str, seed: int) -> dict:
     """One learner at one point with one seed; a finished run's report is reused."""
-    from dntsync.marl.training import RunPaths, fit_marl
+    from dntsync.marl.training import RunPaths, drop_resumable_state, fit_marl
 
     metrics = RunPaths.of(cfg, algo, seed).metrics
     if metrics.exists():
@@ -51,9 +50,7 @@ def train_point_learner(cfg: Config, algo: str, seed: int) -> dict:
     report = fit_marl(cfg, algo=algo, seed=seed, enable_progress_bar=False)
     report["config"] = to_plain(cfg)
     metrics.write_text(json.dumps(report, indent=1))
-    # finished (the metrics file says so): the resumable state is no longer needed, and at
-    # large U it is hundreds of MB per run
-    shutil.rmtree(RunPaths.of(cfg, algo, seed).checkpoints, ignore_errors=True)
+    drop_resumable_state(cfg, algo, seed)  # finished: the metrics file says so
     return report
 
 
@@ -66,16 +63,56 @@ def _job(kind: str, cfg_plain: dict, algo: str = "", seed: int = 0) -> dict:
     return train_point_learner(cfg, algo, seed)
 
 
-def run_jobs(jobs: list[tuple], workers: int, desc: str) -> list[dict]:
-    """Run `_job(*args)` for each job in worker processes, with a progress bar; in order."""
+def _dispatch_order(pending: set[int], done: set[int], needs, cost) -> list[int]:
+    """Jobs whose prerequisites are done, costliest first (ties: in the given order)."""
+    ready = [i for i in pending if all(j in done for j in needs[i])]
+    return sorted(ready, key=lambda i: (-cost[i], i))
+
+
+def run_jobs(jobs: list[tuple], workers: int, desc: str, *, needs: list[list[int]] | None = None,
+             cost: list[float] | None = None) -> list[dict]:
+    """Run `_job(*args)` for each job in `workers` processes, with a progress bar; results in
+    the jobs' order.
+
+    `needs[i]` lists the jobs that must finish before job i starts (a sweep point's learners
+    wait for its twin, not for every twin). Whenever a worker is free it takes the ready job
+    with the highest `cost[i]` (an estimate of its run time), so the longest runs do not
+    start last and leave the other workers idle at the end (longest-processing-time-first).
+    """
     if not jobs:
         return []
+    needs = needs or [[] for _ in jobs]
+    cost = cost or [0.0] * len(jobs)
+    pending, done, results = set(range(len(jobs))), set(), [None] * len(jobs)
+    bar = tqdm(total=len(jobs), desc=desc)
     if workers == 1:
         _worker_init()
-        return [_job(*j) for j in tqdm(jobs, desc=desc)]
+        while pending:
+            ready = _dispatch_order(pending, done, needs, cost)
+            if not ready:
+                raise ValueError(f"{desc}: jobs {sorted(pending)} wait for jobs that never run")
+            i = ready[0]
+            pending.discard(i)
+            results[i] = _job(*jobs[i])
+            done.add(i)
+            bar.update()
+        bar.close()
+        return results
     ctx = multiprocessing.get_context("spawn")
     with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) as pool:
-        futures = [pool.submit(_job, *j) for j in jobs]
-        for _ in tqdm(cf.as_completed(futures), total=len(futures), desc=desc):
-            pass
-        return [f.result() for f in futures]
+        running: dict[cf.Future, int] = {}
+        while pending or running:
+            # only as many in flight as workers, so that each free worker picks then
+            for i in _dispatch_order(pending, done, needs, cost)[:workers - len(running)]:
+                pending.discard(i)
+                running[pool.submit(_job, *jobs[i])] = i
+            if not running:
+                raise ValueError(f"{desc}: jobs {sorted(pending)} wait for jobs that never run")
+            finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+            for future in finished:
+                i = running.pop(future)
+                results[i] = future.result()
+                done.add(i)
+                bar.update()
+    bar.close()
+    return results

@@ -5,7 +5,8 @@ worker processes (`sweeps.workers`, one torch thread each) and evaluates each le
 the heuristics and the oracle, on the same evaluation episodes. Each run writes under
 `runs/<fig>/<key>=<value>/`; a finished run is found there and not repeated, an interrupted
 one resumes from its last checkpoint. Where a point changes the users (Fig. 5), it gets its
-own data set and GRU twin first. The aggregate, mean and spread over seeds, goes to
+own data set and GRU twin, and its learners start once that twin is trained (the workers
+take the larger scenarios first; see `run_jobs`). The aggregate, mean and spread over seeds, goes to
 `metrics/sweep_<fig>.json`.
 """
 
@@ -107,11 +108,17 @@ def run(cfg: Config, args) -> int:
     points = sweep_points(cfg, sweep)
     configs = {p.value: point_config(cfg, p) for p in points}
     prepare_store(cfg)
-    twin_jobs = [("twin", to_plain(c)) for c in configs.values() if needs_own_twin(cfg, c)]
-    run_jobs(twin_jobs, cfg.sweeps.workers, f"{sweep}: twins")
+    # one pool for the points' twins and all learners: a point's learners start as soon as
+    # its twin is there (learners of points on the base twin at once), the larger
+    # scenarios first (a run's cost grows with the users each BS covers)
+    twins = {v: i for i, v in enumerate(v for v, c in configs.items() if needs_own_twin(cfg, c))}
     keys = [(p.value, a, s) for p in points for a in cfg.sweeps.algos for s in cfg.marl.seeds]
-    jobs = [("marl", to_plain(configs[v]), a, s) for v, a, s in keys]
-    reports = run_jobs(jobs, cfg.sweeps.workers, f"{sweep}: learners")
+    jobs = [("twin", to_plain(configs[v])) for v in twins]
+    jobs += [("marl", to_plain(configs[v]), a, s) for v, a, s in keys]
+    needs = [[] for _ in twins] + [[twins[v]] if v in twins else [] for v, _, _ in keys]
+    cost = [float("inf")] * len(twins) + [float(configs[v].scenario.n_users) for v, _, _ in keys]
+    reports = run_jobs(jobs, cfg.sweeps.workers, f"{sweep}: twins and learners", needs=needs,
+                       cost=cost)[len(twins):]
     results: dict = {}
     for (v, a, _), rep in zip(keys, reports):
         results.setdefault((v, a), []).append(rep)
@@ -120,5 +127,5 @@ def run(cfg: Config, args) -> int:
     out = Path("metrics") / f"sweep_{sweep}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=1))
-    print(f"wrote {out} ({len(jobs)} runs, {summary['wall_time_s']:.0f} s)")
+    print(f"wrote {out} ({len(keys)} learner runs, {summary['wall_time_s']:.0f} s)")
     return 0

@@ -1,8 +1,8 @@
 """Train every learner of `sweeps.algos` with every seed of `marl.seeds`, in parallel.
 
-The DVC pipeline's `train_marl` stage (Fig. 3 setting): the same runs as
-`dntsync train-marl --algo A --seed S` for each (A, S), spread over `sweeps.workers`
-processes. Writes per-seed networks, metrics and curves under `marl.model_dir` and
+The Fig. 3 setting in one command, outside DVC: the same runs as the pipeline's
+`train_marl@<A>-<S>` stages (`dntsync train-marl --algo A --seed S` for each (A, S)), spread
+over `sweeps.workers` processes. Writes per-seed networks, metrics and curves under `marl.model_dir` and
 `marl.metrics_dir`, and the aggregate over seeds `<metrics_dir>/marl_<algo>.json` with
 `<model_dir>/<algo>.ckpt` (the first seed's networks). Finished runs are not repeated;
 interrupted ones resume from their last checkpoint.

@@ -10,7 +10,8 @@ With `--seed S`: `<model_dir>/<algo>_seed<S>.ckpt`, `<metrics_dir>/marl_<algo>_s
 and the curve `<metrics_dir>/curves/marl_<algo>_seed<S>.csv`. Without: every seed of
 `marl.seeds`, plus `<metrics_dir>/marl_<algo>.json` (mean and std over seeds) and
 `<model_dir>/<algo>.ckpt` (the first seed's networks). An interrupted run resumes from
-`<checkpoint_dir>/<algo>_seed<S>/last.ckpt` when the same command is run again.
+`<checkpoint_dir>/<algo>_seed<S>/last.ckpt` when the same command is run again; a finished
+run's resumable state is deleted.
 """
 
 from __future__ import annotations
@@ -38,16 +39,20 @@ def _line(report: dict) -> str:
 def run(cfg: Config, args) -> int:
     import torch
 
-    from dntsync.marl.training import fit_marl, fit_marl_seeds  # Lightning: only when used
+    # Lightning: only when used
+    from dntsync.marl.training import drop_resumable_state, fit_marl, fit_marl_seeds
 
     torch.set_num_threads(cfg.marl.torch_threads)
     algo = args.algo or cfg.marl.algo
     progress = not args.no_progress
     if args.seed is not None:
         report = fit_marl(cfg, algo=algo, seed=args.seed, enable_progress_bar=progress)
+        drop_resumable_state(cfg, algo, args.seed)
         print(f"seed {args.seed}: " + _line(report) + f" [{report['wall_time_s']:.0f} s]")
         return 0
     summary = fit_marl_seeds(cfg, algo=algo, enable_progress_bar=progress)
+    for seed in cfg.marl.seeds:
+        drop_resumable_state(cfg, algo, seed)
     print(f"seeds {summary['seeds']}: " + _line(summary)
           + f" (std over seeds {summary['eval_team_reward_std_over_seeds']:.3f})")
     return 0
