@@ -19,6 +19,8 @@ Setting: SPEC.md's default scenario (U = 12, M = 3, N = 12, T = 30), `conf/param
    variant runs in a fresh subprocess; peak memory is the process's peak RSS minus its RSS
    just before the first update (so it counts activations, gradients and optimiser state
    created by training, not the imports).
+4. **masked max**: the double-Q argmax over the next slot's valid actions of all BSs in one
+   grouping (`flat_masked_max`, what an update runs) vs one `FlatHead.masked_max` per BS.
 
 Each timing is the median of several repeats (the machine may be shared). Writes
 `benchmarks/results/marl.json`.
@@ -254,6 +256,39 @@ def bench_heads(repeats: int, threads: int) -> dict:
     return out
 
 
+# ---------------------------------------------------------------------- 4. masked max
+def bench_masked_max(repeats: int) -> dict:
+    """The double-Q argmax over the next slot's valid actions of all three BSs, on a real
+    replay minibatch of the default scenario (B = 16 episodes, T - 1 = 29 slots):
+    `flat_masked_max` (the rows of all agents in one grouping, what `td_loss` runs) against
+    one `FlatHead.masked_max` per BS. Median milliseconds of `repeats` calls."""
+    from dntsync.marl.networks import flat_masked_max
+
+    _, data, learner = _setup([])
+    for epoch in range(2):
+        data.collect(epoch)
+    batch = data.replay.sample(16, np.random.default_rng(0))
+    heads = [a.head for a in learner.online.agents]
+
+    def median_ms(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return 1e3 * float(np.median(times))
+
+    with torch.no_grad():
+        hidden = learner.online.unroll(batch.obs)[:, 1:]
+        x = hidden.reshape(-1, 3, hidden.shape[-1]).transpose(0, 1)  # [M, R, h]
+        cov = batch.covered[:, 1:].reshape(-1, 3, batch.covered.shape[-1]).transpose(0, 1)
+        grouped = median_ms(lambda: flat_masked_max(heads, x, cov))
+        per_head = median_ms(lambda: [h.masked_max(x[m], cov[m]) for m, h in enumerate(heads)])
+    return {"all_agents_grouped_ms": grouped, "per_head_ms": per_head,
+            "speed_up": per_head / grouped}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -273,6 +308,8 @@ def main() -> None:
         "updates": bench_updates(args.repeats),
     }
     print("updates", json.dumps(results["updates"], indent=1), flush=True)
+    results["masked_max"] = bench_masked_max(max(args.repeats, 20))
+    print("masked max", json.dumps(results["masked_max"], indent=1), flush=True)
     results["heads"] = bench_heads(args.repeats, args.threads)
     if not args.skip_full_run:
         results["full_run"] = bench_full_run("vdn")

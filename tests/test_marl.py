@@ -114,29 +114,14 @@ def _reference_unroll(nets, obs: torch.Tensor) -> torch.Tensor:
     return torch.stack([net.unroll(obs[:, :, m]) for m, net in enumerate(nets.agents)], dim=2)
 
 
-def test_gru_scan_gradient_is_exact():
-    from dntsync.marl.networks import gru_scan
-
-    torch.manual_seed(4)
-    shapes = {"gi": (2, 4, 3, 15), "w_hh": (2, 5, 15), "b_hh": (2, 1, 15), "s0": (2, 3, 5)}
-    args = [torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in shapes.values()]
-    frozen = tuple(torch.randn(*s, dtype=torch.float64) for s in shapes.values())
-    assert torch.autograd.gradcheck(gru_scan, args)
-    assert torch.autograd.gradcheck(lambda *a: gru_scan(*a, frozen=frozen)[0], args)
-
-
 def test_stacked_unroll_equals_each_agents_gru_cell_with_the_same_gradients():
     from dntsync.marl.networks import AgentQNets
 
     torch.manual_seed(5)
-    online, target = AgentQNets(3, 7, 16, 4), AgentQNets(3, 7, 16, 4)
-    target.requires_grad_(False)
+    online = AgentQNets(3, 7, 16, 4)
     obs = torch.randn(5, 6, 3, 7)
-    hidden, target_hidden = online.unroll_with_frozen(target, obs)
+    hidden = online.unroll(obs)
     torch.testing.assert_close(hidden, _reference_unroll(online, obs))
-    torch.testing.assert_close(target_hidden, _reference_unroll(target, obs))
-    torch.testing.assert_close(online.unroll(obs), hidden)
-    assert not target_hidden.requires_grad
     weights = torch.randn_like(hidden)
     ours = torch.autograd.grad((hidden * weights).sum(), list(online.parameters()), allow_unused=True)
     ref = torch.autograd.grad((_reference_unroll(online, obs) * weights).sum(),

@@ -164,11 +164,10 @@ class QLearner(pl.LightningModule):
 
     def td_loss(self, batch: EpisodeBatch) -> Tensor:
         hp = self.hparams
-        # [B, T, M, h] each, from a zero hidden state; the target nets' without gradient
-        hidden, target_hidden = self.online.unroll_with_frozen(self.target, batch.obs)
+        hidden = self.online.unroll(batch.obs)  # [B, T, M, h], from a zero hidden state
         chosen_q = self.online.q(hidden, batch.actions)  # Q_{theta_m}(o_t^m, a_t^m)
         with torch.no_grad():
-            target_hidden = target_hidden[:, 1:]
+            target_hidden = self.target.unroll(batch.obs)[:, 1:]
             next_covered = batch.covered[:, 1:]  # masks of slot t+1
             if hp.double_q:  # online argmax, target value
                 _, best = self.online.masked_max(hidden[:, 1:].detach(), next_covered)

@@ -287,89 +287,6 @@ class FactorisedHead(nn.Module):
 HEADS = {"flat": FlatHead, "factorised": FactorisedHead}
 
 
-class _GruScan(torch.autograd.Function):
-    """The GRU recurrence (GRUCell's equations) of several nets stacked along a leading
-    axis, over every slot, with the backward pass written out (BPTT by hand).
-
-    Forward per slot: `gh = b_hh + s W_hh`, `[r, z] = sigmoid(gi[:2h] + gh[:2h])`,
-    `n = tanh(gi[2h:] + r * gh[2h:])`, `s' = n + z (s - n)`, each op writing into a
-    preallocated buffer. Backward walks the slots in reverse with the gates kept from the
-    forward pass, and forms the recurrent weight's gradient as one matmul over all slots.
-    Autograd would record about twice the ops and a graph node for each; on these small
-    tensors that overhead, not arithmetic, is what an update costs. `frozen` nets (the
-    target networks) ride along in the forward pass only: they get no gradient, and the
-    backward pass skips them. `tests/test_marl.py` checks the gradient with `gradcheck`.
-    """
-
-    @staticmethod
-    def forward(ctx, gi, w_hh, b_hh, s0, frozen):
-        n_grad = gi.shape[0]
-        if frozen is not None:
-            gi, w_hh_all, b_hh_all, s0_all = (torch.cat([a, b]) for a, b in
-                                                zip((gi, w_hh, b_hh, s0), frozen))
-        else:
-            w_hh_all, b_hh_all, s0_all = w_hh, b_hh, s0
-        h = gi.shape[-1] // 3
-        s, states, gates = s0_all, [], []
-        for gi_t in gi.unbind(1):
-            gh = torch.baddbmm(b_hh_all, s, w_hh_all)  # (out= would cost a copy)
-            rz = torch.sigmoid(gi_t[..., :2 * h] + gh[..., :2 * h])
-            n = torch.tanh(torch.addcmul(gi_t[..., 2 * h:], rz[..., :h], gh[..., 2 * h:]))
-            s_prev, s = s, torch.lerp(n, s, rz[..., h:])  # n + z (s - n)
-            states.append(s)
-            gates.append((s_prev[:n_grad], rz[:n_grad], n[:n_grad], gh[:n_grad, :, 2 * h:]))
-        ctx.gates = gates
-        ctx.save_for_backward(w_hh)
-        states = torch.stack(states)
-        if frozen is None:
-            return states
-        out, frozen_out = states[:, :n_grad].contiguous(), states[:, n_grad:].contiguous()
-        ctx.mark_non_differentiable(frozen_out)
-        return out, frozen_out
-
-    @staticmethod
-    def backward(ctx, d_states, d_frozen=None):
-        (w_hh,) = ctx.saved_tensors
-        h = w_hh.shape[1]
-        w_hh_t = w_hh.transpose(1, 2)  # [M, 3h, h]
-        d_gi, d_gh = [], []  # per slot, d loss / d gi and d loss / d gh, `[M, B, 3h]`
-        ds = torch.zeros_like(d_states[0])  # d loss / d s, through the later slots
-        for t in reversed(range(len(ctx.gates))):
-            s_prev, rz, n, gh_n = ctx.gates[t]
-            ds = ds + d_states[t]
-            ds_z = ds * rz[..., h:]  # straight to s through s' = n + z (s - n)
-            dn = ds - ds_z
-            dn_n = dn * n
-            da_n = torch.addcmul(dn, dn_n, n, value=-1)  # dn (1 - n^2)
-            # d [r, z]: r through n = tanh(gi_n + r gh_n), z through s'
-            d_rz = torch.cat([da_n * gh_n, ds * (s_prev - n)], dim=-1)
-            d_rz_rz = d_rz * rz
-            da_rz = torch.addcmul(d_rz_rz, d_rz_rz, rz, value=-1)  # d_rz rz (1 - rz)
-            d_gi.append(torch.cat([da_rz, da_n], dim=-1))
-            d_gh.append(torch.cat([da_rz, da_n * rz[..., :h]], dim=-1))
-            ds = torch.baddbmm(ds_z, d_gh[-1], w_hh_t)
-        d_gi, d_gh = torch.stack(d_gi[::-1], dim=1), torch.stack(d_gh[::-1], dim=1)  # [M, T, B, 3h]
-        n_m, n_t, n_b, _ = d_gh.shape
-        prev = torch.stack([g[0] for g in ctx.gates], dim=1)  # the state each slot started from
-        d_w_hh = torch.bmm(prev.view(n_m, n_t * n_b, h).transpose(1, 2),
-                           d_gh.view(n_m, n_t * n_b, 3 * h))
-        d_b_hh = d_gh.sum((1, 2)).unsqueeze(1)
-        return d_gi, d_w_hh, d_b_hh, ds, None
-
-
-def gru_scan(gi: Tensor, w_hh: Tensor, b_hh: Tensor, s0: Tensor,
-             frozen: tuple[Tensor, Tensor, Tensor, Tensor] | None = None):
-    """Run the GRU recurrence of M stacked nets over T slots.
-
-    `gi[M, T, B, 3h]`: the input projections `W_ih x_t + b_ih` of every slot; `w_hh[M, h, 3h]`
-    (the transposed `GRUCell.weight_hh`), `b_hh[M, 1, 3h]`, `s0[M, B, h]`: the start state.
-    Returns the states `[T, M, B, h]`. With `frozen = (gi, w_hh, b_hh, s0)` of more nets
-    (the same shapes but for M), returns `(states, frozen_states)`, the latter without
-    gradient. See `_GruScan`.
-    """
-    return _GruScan.apply(gi, w_hh, b_hh, s0, frozen)
-
-
 class AgentQNet(nn.Module):
     """One BS's recurrent Q network theta_m: Linear(h) -> ReLU -> GRUCell(h) -> head."""
 
@@ -419,13 +336,19 @@ class AgentQNets(nn.Module):
             bias = net.head.bias if isinstance(net.head, FlatHead) else net.head.terms.bias
             bias.fill_(value)
 
-    def gru_inputs(self, obs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The M agents' stacked recurrence inputs for `gru_scan`: the GRU's input projections
-        of every slot `gi[M, T, B, 3h]` (encoder, ReLU, W_ih x + b_ih: two batched matmuls
-        for all agents and slots), `w_hh[M, h, 3h]` and `b_hh[M, 1, 3h]`. Each agent keeps
-        its own parameters; stacking them is what lets one matmul serve all M."""
+    def unroll(self, obs: Tensor, state: Tensor | None = None) -> Tensor:
+        """`obs[B, T, M, D]`, `state[B, M, h]` (None: zeros) -> hidden states `[B, T, M, h]`.
+
+        The same computation as each agent's `AgentQNet.unroll`, done for the M agents at
+        once: their weights are stacked (each agent keeps its own parameters) so that the
+        encoder and the GRU's input projections of all T slots are two batched matmuls, and
+        each slot needs one batched `[M, B, h] x [M, h, 3h]` matmul plus the gate arithmetic
+        (GRUCell's equations). On the small nets here the per-call overhead dominates, so this
+        is about twice as fast as M x T separate GRUCell calls (benchmarks/bench_marl.py).
+        """
         agents = self.agents
         n_b, n_t, n_m, _ = obs.shape
+        h = self.hidden
         enc_w = torch.stack([a.encoder.weight for a in agents])  # [M, h, D]
         enc_b = torch.stack([a.encoder.bias for a in agents])  # [M, h]
         w_ih = torch.stack([a.cell.weight_ih for a in agents])  # [M, 3h, h]
@@ -434,34 +357,19 @@ class AgentQNets(nn.Module):
         b_hh = torch.stack([a.cell.bias_hh for a in agents])[:, None, :]  # [M, 1, 3h]
         x = obs.permute(2, 1, 0, 3).reshape(n_m, n_t * n_b, -1)  # [M, T*B, D]
         x = torch.relu(torch.baddbmm(enc_b[:, None, :], x, enc_w.transpose(1, 2)))
-        gi = torch.baddbmm(b_ih[:, None, :], x, w_ih.transpose(1, 2))
-        return gi.view(n_m, n_t, n_b, -1), w_hh, b_hh
-
-    def unroll(self, obs: Tensor, state: Tensor | None = None) -> Tensor:
-        """`obs[B, T, M, D]`, `state[B, M, h]` (None: zeros) -> hidden states `[B, T, M, h]`.
-
-        The same computation as each agent's `AgentQNet.unroll`, done for the M agents at
-        once (`gru_inputs`, then `gru_scan`: one batched `[M, B, h] x [M, h, 3h]` matmul per
-        slot, the gates fused into a few ops, and a backward pass written out by hand). On
-        the small nets here per-op overhead dominates, so this is several times faster than
-        M x T separate GRUCell calls (benchmarks/bench_marl.py).
-        """
-        gi, w_hh, b_hh = self.gru_inputs(obs)
-        s0 = gi.new_zeros(gi.shape[0], gi.shape[2], self.hidden) if state is None \
-            else state.transpose(0, 1)
-        return gru_scan(gi, w_hh, b_hh, s0).permute(2, 0, 1, 3)  # [T, M, B, h] -> [B, T, M, h]
-
-    def unroll_with_frozen(self, frozen: AgentQNets, obs: Tensor) -> tuple[Tensor, Tensor]:
-        """Hidden states `[B, T, M, h]` of these nets (with gradient) and of `frozen` (the
-        target nets, without), both from a zero state, in one scan over the slots: the
-        2M agents share each slot's matmul and gate ops."""
-        gi, w_hh, b_hh = self.gru_inputs(obs)
-        with torch.no_grad():
-            f_gi, f_w_hh, f_b_hh = frozen.gru_inputs(obs)
-        s0 = gi.new_zeros(2 * gi.shape[0], gi.shape[2], self.hidden)
-        online, target = gru_scan(gi, w_hh, b_hh, s0[:gi.shape[0]],
-                                  frozen=(f_gi, f_w_hh, f_b_hh, s0[gi.shape[0]:]))
-        return online.permute(2, 0, 1, 3), target.permute(2, 0, 1, 3)
+        gi = torch.baddbmm(b_ih[:, None, :], x, w_ih.transpose(1, 2)).view(n_m, n_t, n_b, 3 * h)
+        s = obs.new_zeros(n_m, n_b, h) if state is None else state.transpose(0, 1)
+        states = []
+        for gi_t in gi.unbind(1):  # one backward node for all slots, not one per slice
+            gh = torch.baddbmm(b_hh, s, w_hh)  # [M, B, 3h]
+            i_r, i_z, i_n = gi_t.chunk(3, dim=-1)
+            h_r, h_z, h_n = gh.chunk(3, dim=-1)
+            r = torch.sigmoid(i_r + h_r)
+            z = torch.sigmoid(i_z + h_z)
+            n = torch.tanh(i_n + r * h_n)
+            s = n + z * (s - n)  # (1 - z) * n + z * s
+            states.append(s)
+        return torch.stack(states, dim=0).permute(2, 0, 1, 3)  # [T, M, B, h] -> [B, T, M, h]
 
     def q(self, hidden: Tensor, actions: Tensor) -> Tensor:
         """Q of the taken actions: `hidden[..., M, h]`, `actions[..., M]` -> `[..., M]`."""
