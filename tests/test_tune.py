@@ -273,8 +273,11 @@ def test_interrupted_trial_runs_again_on_resume(how, twin_params, tmp_path):
     slow = ["--set", "twin.max_epochs=500", "--set", "twin.patience=500"]  # outlives the signal
     cfg = load(twin_params, *beat)
     sets = [a for b in beat for a in ("--set", b)]
+    # a shell starts background jobs with SIGINT ignored, and a Python started so never turns
+    # Ctrl-C into KeyboardInterrupt: give the worker the default, as a terminal would
     proc = subprocess.Popen(tune_command(twin_params, *sets, *slow), cwd=tmp_path, text=True,
                             env=worker_env(),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     wait_for_running_trial(cfg, proc)
     if how == "ctrl-c":
