@@ -81,28 +81,6 @@ def valid_actions_of(covered: Tensor) -> Tensor:
     return (_subsets(k + 1).to(covered.device)[None] * bit_values[:, None, :]).sum(-1)
 
 
-def coverage_groups(covered: Tensor):
-    """Group rows by coverage pattern, patterns by their number k of covered users.
-
-    Yields `(rows[R_k], pattern[R_k], actions[P_k, 2^(k+1)])` per k: the rows whose BS covers
-    k users, the index of each row's pattern among the P_k distinct ones, and each pattern's
-    valid actions. Rows of one BS barely change coverage during an episode, so P_k is far
-    smaller than R_k in a training batch.
-    """
-    covered = covered.bool()
-    n_users = covered.shape[-1]
-    shifts = torch.arange(n_users, device=covered.device)
-    codes, inverse = torch.unique((covered.long() << shifts).sum(-1), return_inverse=True)
-    patterns = ((codes[:, None] >> shifts) & 1).bool()  # [P, U]
-    counts = patterns.sum(-1)
-    local = torch.empty_like(codes)  # pattern index within its k group
-    for k in torch.unique(counts).tolist():
-        in_group = torch.nonzero(counts == k).squeeze(1)
-        local[in_group] = torch.arange(len(in_group), device=covered.device)
-        rows = torch.nonzero(counts[inverse] == k).squeeze(1)
-        yield rows, local[inverse[rows]], valid_actions_of(patterns[in_group])
-
-
 class FlatHead(nn.Module):
     """Q(a) = w_a . x + b_a for each of the 2^(U+1) actions (the paper's output layer).
 
@@ -132,37 +110,14 @@ class FlatHead(nn.Module):
         """Max and argmax over each row's valid actions only: `x[R, h], covered[R, U] -> [R], [R]`.
 
         Ties go to the first valid action in `valid_actions_of` order. Up to `RAGGED_MAX_ROWS`
-        rows: `_masked_max_ragged`. Otherwise, per coverage pattern, the weight rows of its valid actions are gathered once and
-        multiplied with the hidden states of all rows sharing it: rows are laid out
-        `[pattern, slot]` (zero padding up to the most frequent pattern) and one batched
-        matmul per k computes `[pattern, slot, valid action]`.
+        rows: `_masked_max_ragged`. Otherwise `flat_masked_max` with this head alone: per
+        coverage pattern, the weight rows of its valid actions are gathered once and
+        multiplied with the hidden states of all rows sharing it.
         """
         if x.shape[0] <= RAGGED_MAX_ROWS:
             return self._masked_max_ragged(x, covered)
-        values = x.new_empty(x.shape[0])
-        best = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
-        for rows, pattern, actions in coverage_groups(covered):
-            n_patterns, n_valid = actions.shape
-            per_pattern = torch.bincount(pattern, minlength=n_patterns)
-            order = torch.argsort(pattern, stable=True)
-            first = torch.cumsum(per_pattern, 0) - per_pattern
-            slot = torch.empty_like(pattern)
-            slot[order] = torch.arange(len(rows), device=x.device) - first[pattern[order]]
-            # chunks of patterns keep [patterns, valid, hidden] + [patterns, slots, valid] bounded
-            chunk = max(1, GATHER_BUDGET // (n_valid * (x.shape[1] + int(per_pattern.max()))))
-            for p0 in range(0, n_patterns, chunk):
-                sel = torch.nonzero((pattern >= p0) & (pattern < p0 + chunk)).squeeze(1)
-                acts, at = actions[p0:p0 + chunk], rows[sel]
-                width = int(slot[sel].max()) + 1
-                flat = (pattern[sel] - p0) * width + slot[sel]  # row -> (pattern, slot)
-                laid = x.new_zeros(len(acts) * width, x.shape[1]).index_copy_(0, flat, x[at])
-                weight = self.weight.index_select(0, acts.reshape(-1)).view(*acts.shape, -1)
-                bias = self.bias.index_select(0, acts.reshape(-1)).view(len(acts), 1, -1)
-                q = torch.baddbmm(bias, laid.view(len(acts), width, -1), weight.transpose(1, 2))
-                v, i = q.view(len(acts) * width, -1).index_select(0, flat).max(-1)
-                values[at] = v
-                best[at] = acts.reshape(-1).index_select(0, (pattern[sel] - p0) * n_valid + i)
-        return values, best
+        values, best = flat_masked_max([self], x[None], covered[None])
+        return values[0], best[0]
 
     def _masked_max_ragged(self, x: Tensor, covered: Tensor) -> tuple[Tensor, Tensor]:
         """`masked_max` by listing every row's 2^(k+1) valid actions in one flat vector (no
@@ -200,7 +155,8 @@ def flat_masked_max(heads: list[FlatHead], x: Tensor, covered: Tensor) -> tuple[
 
     One sort groups the rows of all agents by (k covered users, agent, coverage pattern);
     then each k is one batched matmul over every agent's patterns with k covered users
-    (rows laid out `[pattern, slot]` as in `FlatHead.masked_max`), its weight rows gathered
+    (rows laid out `[pattern, slot]`, zero padding up to the most frequent pattern, giving
+    `[pattern, slot, valid action]`), its weight rows gathered
     from each agent's own table. The bookkeeping is done once for all groups, so a training
     update pays a handful of ops per k instead of a few dozen per (agent, k). Chunks of
     patterns keep the gathered weights and Q values under `GATHER_BUDGET` floats.
