@@ -27,6 +27,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from dntsync.marl.gru_scan import gru_scan, load_kernel
+
 # Floats `FlatHead.masked_max` holds at once (gathered weights + Q values): about 64 MB.
 GATHER_BUDGET = 1 << 24
 # Up to this many rows (acting: one row per environment, nearly every row its own coverage
@@ -265,6 +267,24 @@ class AgentQNet(nn.Module):
         return torch.stack(states, dim=1)
 
 
+def _eager_scan(gi: Tensor, s0: Tensor, w_hh: Tensor, b_hh: Tensor) -> Tensor:
+    """`gru_scan` in plain torch ops (GRUCell's equations slot by slot): `[T, M, B, h]`."""
+    s, states = s0, []
+    for gi_t in gi.unbind(1):  # one backward node for all slots, not one per slice
+        gh = torch.baddbmm(b_hh, s, w_hh)  # [M, B, 3h]
+        i_r, i_z, i_n = gi_t.chunk(3, dim=-1)
+        h_r, h_z, h_n = gh.chunk(3, dim=-1)
+        r = torch.sigmoid(i_r + h_r)
+        z = torch.sigmoid(i_z + h_z)
+        n = torch.tanh(i_n + r * h_n)
+        s = n + z * (s - n)  # (1 - z) * n + z * s
+        states.append(s)
+    return torch.stack(states, dim=0)
+
+
+SCANS = {"fused": gru_scan, "eager": _eager_scan}
+
+
 class AgentQNets(nn.Module):
     """The M BSs' Q networks side by side (separate parameters; batched over time/envs only).
 
@@ -272,8 +292,13 @@ class AgentQNets(nn.Module):
     """
 
     def __init__(self, n_agents: int, obs_dim: int, hidden: int, n_users: int,
-                 head: str = "flat", sparse_grad: bool = False) -> None:
+                 head: str = "flat", sparse_grad: bool = False, scan: str = "fused") -> None:
         super().__init__()
+        if scan not in SCANS:
+            raise ValueError(f"gru_scan={scan!r}: must be one of {sorted(SCANS)}")
+        if scan == "fused":
+            load_kernel()  # a missing compiler fails here, before any work
+        self.scan = scan
         self.agents = nn.ModuleList(AgentQNet(obs_dim, hidden, n_users, head, sparse_grad)
                                     for _ in range(n_agents))
 
@@ -301,6 +326,8 @@ class AgentQNets(nn.Module):
         each slot needs one batched `[M, B, h] x [M, h, 3h]` matmul plus the gate arithmetic
         (GRUCell's equations). On the small nets here the per-call overhead dominates, so this
         is about twice as fast as M x T separate GRUCell calls (benchmarks/bench_marl.py).
+        With `scan="fused"` the gate arithmetic of a slot is one C kernel call
+        (`dntsync.marl.gru_scan`); "eager" writes it out in torch ops (`_eager_scan`).
         """
         agents = self.agents
         n_b, n_t, n_m, _ = obs.shape
@@ -315,17 +342,8 @@ class AgentQNets(nn.Module):
         x = torch.relu(torch.baddbmm(enc_b[:, None, :], x, enc_w.transpose(1, 2)))
         gi = torch.baddbmm(b_ih[:, None, :], x, w_ih.transpose(1, 2)).view(n_m, n_t, n_b, 3 * h)
         s = obs.new_zeros(n_m, n_b, h) if state is None else state.transpose(0, 1)
-        states = []
-        for gi_t in gi.unbind(1):  # one backward node for all slots, not one per slice
-            gh = torch.baddbmm(b_hh, s, w_hh)  # [M, B, 3h]
-            i_r, i_z, i_n = gi_t.chunk(3, dim=-1)
-            h_r, h_z, h_n = gh.chunk(3, dim=-1)
-            r = torch.sigmoid(i_r + h_r)
-            z = torch.sigmoid(i_z + h_z)
-            n = torch.tanh(i_n + r * h_n)
-            s = n + z * (s - n)  # (1 - z) * n + z * s
-            states.append(s)
-        return torch.stack(states, dim=0).permute(2, 0, 1, 3)  # [T, M, B, h] -> [B, T, M, h]
+        states = SCANS[self.scan](gi, s, w_hh, b_hh)  # [T, M, B, h]
+        return states.permute(2, 0, 1, 3)  # [B, T, M, h]
 
     def q(self, hidden: Tensor, actions: Tensor) -> Tensor:
         """Q of the taken actions: `hidden[..., M, h]`, `actions[..., M]` -> `[..., M]`."""
