@@ -114,12 +114,12 @@ def _reference_unroll(nets, obs: torch.Tensor) -> torch.Tensor:
     return torch.stack([net.unroll(obs[:, :, m]) for m, net in enumerate(nets.agents)], dim=2)
 
 
-@pytest.mark.parametrize("scan", ["fused", "eager"])
-def test_stacked_unroll_equals_each_agents_gru_cell_with_the_same_gradients(scan):
+@pytest.mark.parametrize("kernels", ["c", "torch"])
+def test_stacked_unroll_equals_each_agents_gru_cell_with_the_same_gradients(kernels):
     from dntsync.marl.networks import AgentQNets
 
     torch.manual_seed(5)
-    online = AgentQNets(3, 7, 16, 4, scan=scan)
+    online = AgentQNets(3, 7, 16, 4, kernels=kernels)
     obs = torch.randn(5, 6, 3, 7)
     hidden = online.unroll(obs)
     torch.testing.assert_close(hidden, _reference_unroll(online, obs))

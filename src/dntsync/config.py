@@ -165,10 +165,10 @@ class MarlConfig:
     # flat head: update only the rows of the sampled actions (SparseAdam, "lazy" Adam) instead
     # of all 2^(U+1) rows every update; the cost then follows the batch, not 2^(U+1)
     sparse_head: bool = True
-    # the Q networks' GRU recurrence: "fused" runs each slot's gate arithmetic in one call of
-    # a small C kernel (dntsync.marl.gru_scan, compiled on first use; about 13% off an
-    # update), "eager" in plain torch ops (no compiler needed; equal up to float rounding)
-    gru_scan: Literal["fused", "eager"] = "fused"
+    # "c": the Q networks' GRU recurrence and the acting masked max run in small C kernels
+    # (dntsync.marl.kernels, compiled on first use with the system's cc); "torch": plain
+    # torch ops (no compiler needed, slower, equal up to float rounding)
+    kernels: Literal["c", "torch"] = "c"
     episodes_per_epoch: int = 32  # D, collected with epsilon-greedy each epoch
     batches_per_epoch: int = 24
     batch_size: int = 16  # episodes per minibatch

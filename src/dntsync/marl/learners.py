@@ -131,12 +131,12 @@ class QLearner(pl.LightningModule):
                  double_q: bool = True, target_update_epochs: int = 2,
                  epsilon_start: float = 1.0, epsilon_end: float = 0.05,
                  epsilon_decay_epochs: int = 50, exploration: str = "action",
-                 gru_scan: str = "fused") -> None:
+                 kernels: str = "c") -> None:
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False  # two optimisers with `sparse_head`: see training_step
         self.online = AgentQNets(n_agents, obs_dim, hidden, n_users, head, sparse_head,
-                                 gru_scan)  # theta_m
+                                 kernels)  # theta_m
         if head_bias_init is not None:
             self.online.init_head_bias_(head_bias_init)
         self.target = copy.deepcopy(self.online)  # theta~_m

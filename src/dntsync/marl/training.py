@@ -60,7 +60,7 @@ def build_learner(cfg: Config, algo: str, obs_dim: int) -> QLearner:
         reward_scale=mc.reward_scale, sparse_head=mc.sparse_head, grad_clip=mc.grad_clip, gamma=mc.gamma, lr=mc.lr, double_q=mc.double_q,
         target_update_epochs=mc.target_update_epochs, epsilon_start=mc.epsilon_start,
         epsilon_end=mc.epsilon_end, epsilon_decay_epochs=mc.epsilon_decay_epochs,
-        exploration=mc.exploration, gru_scan=mc.gru_scan,
+        exploration=mc.exploration, kernels=mc.kernels,
     )
 
 

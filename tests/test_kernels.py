@@ -1,13 +1,14 @@
-"""The fused GRU recurrence (`dntsync.marl.gru_scan`): GRUCell's numbers and gradients, the
-kernel's build on first use, and clear errors where it cannot be used."""
+"""The C kernels (`dntsync.marl.kernels`): the GRU recurrence gives GRUCell's numbers and
+gradients, the acting masked max the torch version's; the build on first use, and clear
+errors where the kernels cannot be used."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from dntsync.marl import gru_scan as gs
-from dntsync.marl.networks import _eager_scan
+from dntsync.marl import kernels as gs
+from dntsync.marl.networks import torch_scan
 
 
 def _inputs(n_m=3, n_t=30, n_b=16, h=128, seed=0, s0_zero=False):
@@ -24,7 +25,7 @@ def test_fused_scan_matches_the_eager_gru_equations_and_their_gradients(shape):
     inputs = _inputs(*shape)
     weights = torch.randn(shape[1], shape[0], shape[2], shape[3])  # an arbitrary loss
     outs, grads = [], []
-    for scan in (gs.gru_scan, _eager_scan):
+    for scan in (gs.gru_scan, torch_scan):
         states = scan(*inputs)
         outs.append(states.detach())
         grads.append(torch.autograd.grad((states * weights).sum(), inputs))
@@ -50,12 +51,12 @@ def test_noncontiguous_inputs_are_handled():
     s0_t = s0.detach().transpose(0, 1).contiguous().transpose(0, 1)  # a strided view
     assert not s0_t.is_contiguous()
     torch.testing.assert_close(gs.gru_scan(gi, s0_t, w_hh, b_hh),
-                               _eager_scan(gi, s0_t, w_hh, b_hh), rtol=1e-5, atol=2e-6)
+                               torch_scan(gi, s0_t, w_hh, b_hh), rtol=1e-5, atol=2e-6)
 
 
 def test_float64_is_refused_with_the_config_fix():
     gi, s0, w_hh, b_hh = (x.detach().double() for x in _inputs(1, 2, 2, 4))
-    with pytest.raises(TypeError, match="marl.gru_scan=eager"):
+    with pytest.raises(TypeError, match="marl.kernels=torch"):
         gs.gru_scan(gi, s0, w_hh, b_hh)
 
 
@@ -70,7 +71,7 @@ def fresh_kernel(tmp_path, monkeypatch):
 
 def test_kernel_is_built_once_into_the_cache(fresh_kernel):
     gs.load_kernel()
-    built = list(fresh_kernel.glob("gru_gates-*.so"))
+    built = list(fresh_kernel.glob("kernels-*.so"))
     assert len(built) == 1 and built[0].stat().st_size > 0
     stamp = built[0].stat().st_mtime_ns
     gs.load_kernel.cache_clear()
@@ -83,9 +84,9 @@ def test_missing_compiler_fails_naming_the_fix(fresh_kernel, monkeypatch):
     from dntsync.marl.networks import AgentQNets
 
     monkeypatch.setenv("CC", "no-such-cc")
-    with pytest.raises(gs.KernelUnavailable, match="marl.gru_scan=eager"):
+    with pytest.raises(gs.KernelUnavailable, match="marl.kernels=torch"):
         AgentQNets(3, 7, 16, 4)  # fails when the nets are built, before any training
-    AgentQNets(3, 7, 16, 4, scan="eager")  # the plain torch path needs no compiler
+    AgentQNets(3, 7, 16, 4, kernels="torch")  # the plain torch path needs no compiler
 
 
 def test_broken_build_reports_the_compiler_output(fresh_kernel, monkeypatch, tmp_path):
@@ -97,8 +98,57 @@ def test_broken_build_reports_the_compiler_output(fresh_kernel, monkeypatch, tmp
         gs.load_kernel()
 
 
-def test_unknown_scan_is_rejected():
+def test_unknown_kernels_value_is_rejected():
     from dntsync.marl.networks import AgentQNets
 
-    with pytest.raises(ValueError, match="gru_scan='fast'"):
-        AgentQNets(3, 7, 16, 4, scan="fast")
+    with pytest.raises(ValueError, match="kernels='fast'"):
+        AgentQNets(3, 7, 16, 4, kernels="fast")
+
+
+@pytest.mark.parametrize("n_users", [1, 4, 12])
+def test_acting_masked_max_kernel_equals_the_torch_versions(n_users):
+    from dntsync.marl.networks import FlatHead, valid_mask
+
+    torch.manual_seed(n_users)
+    head = FlatHead(16, n_users)
+    x = torch.randn(40, 16)
+    covered = torch.rand(40, n_users) < 0.4
+    covered[0] = False  # upload or not, serving nobody
+    covered[1] = True  # every user covered: the largest k
+    with torch.no_grad():
+        values, best = gs.flat_head_masked_max(x, covered, head.weight, head.bias)
+        ragged = head._masked_max_ragged(x, covered)
+        q = head.all_q(x).masked_fill(~valid_mask(covered), -torch.inf)
+    assert torch.equal(best, ragged[1])
+    torch.testing.assert_close(values, ragged[0])
+    torch.testing.assert_close(values, q.max(-1).values)
+    assert valid_mask(covered).gather(1, best[:, None]).all()  # always a valid action
+
+
+def test_acting_masked_max_ties_go_to_the_first_valid_action():
+    from dntsync.marl.networks import FlatHead
+
+    head = FlatHead(4, 3)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()  # every action ties
+    covered = torch.tensor([[False, True, True], [True, False, False]])
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        _, best = gs.flat_head_masked_max(x, covered, head.weight, head.bias)
+        assert torch.equal(best, head._masked_max_ragged(x, covered)[1])
+    assert best.tolist() == [0, 0]
+
+
+def test_flat_head_uses_the_kernel_only_without_gradient():
+    from dntsync.marl.networks import FlatHead
+
+    torch.manual_seed(0)
+    head = FlatHead(8, 5, kernels="c")
+    x, covered = torch.randn(6, 8), torch.rand(6, 5) < 0.5
+    with torch.no_grad():
+        fast = head.masked_max(x, covered)
+    slow = head.masked_max(x, covered)  # with grad: the differentiable torch path
+    assert slow[0].requires_grad
+    assert torch.equal(fast[1], slow[1])
+    torch.testing.assert_close(fast[0], slow[0].detach())

@@ -1,22 +1,28 @@
-"""The stacked Q networks' GRU recurrence over an episode, with the gate arithmetic fused.
+"""Two small C kernels for the Q networks' hot loops, where eager torch spends its time
+launching ops on tiny tensors rather than computing (`kernels.c`; `marl.kernels: c`).
 
-`AgentQNets.unroll` turns every slot's input into the gate pre-activations `gi` with one
-batched matmul; what is left is the recurrence: per slot one `[M, B, h] x [M, h, 3h]` matmul
-`gh = s W_hh + b_hh` and GRUCell's gate equations (r, z, n, then s'). In eager torch those
-equations are a dozen elementwise ops per slot, and twice as many in the backward, each on a
-tensor so small (M x B x h = 3 x 16 x 128) that launching it costs more than computing it:
-about half of a training update went there. `gru_scan` does the same computation with the
-gates of a slot (and their backward) in one call of a small C kernel (`gru_gates.c`); the
-matmuls stay in torch (MKL), and the backward computes dL/dW_hh of all slots in one matmul
-instead of one per slot. The result is GRUCell's to float rounding (the kernel's exp is a
-polynomial, and sums run in another order), checked against the eager unroll in
-tests/test_gru_scan.py.
+1. `gru_scan`: the stacked Q networks' GRU recurrence over an episode. `AgentQNets.unroll`
+   turns every slot's input into the gate pre-activations `gi` with one batched matmul; what
+   is left is per slot one `[M, B, h] x [M, h, 3h]` matmul `gh = s W_hh + b_hh` and GRUCell's
+   gate equations (r, z, n, then s'). In eager torch those are a dozen elementwise ops per
+   slot, twice as many in the backward, each on a tensor so small (3 x 16 x 128) that
+   launching it costs more than computing it. Here a slot's gates (and their backward) are
+   one kernel call; the matmuls stay in torch (MKL), and the backward computes dL/dW_hh of
+   all slots in one matmul instead of one per slot. No library op does this on CPU (torch's
+   fused GRU cell is CUDA only).
+2. `flat_head_masked_max`: the flat head's max over each row's valid actions when acting
+   (one row per environment and BS). The torch version gathers a copy of every valid
+   action's weight row first, which cost more than the dot products themselves.
 
-The kernel is plain C with no Python or torch headers: it is compiled once per machine with
-the system's C compiler (`$CC`, default `cc`) into `$DNTSYNC_CACHE_DIR` (default
+Both give torch's numbers up to float rounding (the kernel's exp is a polynomial, sums run
+in another order), checked in tests/test_kernels.py; what they save is measured in the
+README ("Speed").
+
+The C code uses no Python or torch headers: it is compiled once per machine with the
+system's C compiler (`$CC`, default `cc`) into `$DNTSYNC_CACHE_DIR` (default
 `~/.cache/dntsync`) on first use, a fraction of a second, and loaded with ctypes. Where no
-compiler is available, `marl.gru_scan: eager` keeps the plain torch ops (numbers then differ
-in the last float digits, so the choice is a config value that DVC tracks).
+compiler is available, `marl.kernels: torch` keeps plain torch ops (numbers then differ in
+the last float digits, so the choice is a config value that DVC tracks).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-SOURCE = Path(__file__).with_name("gru_gates.c")
+SOURCE = Path(__file__).with_name("kernels.c")
 CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC"]
 _F32 = 4  # bytes per float
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
@@ -67,13 +73,13 @@ def load_kernel() -> ctypes.CDLL:
     """The compiled kernel, built on first use (atomically, so parallel runs may race)."""
     compiler = os.environ.get("CC", "cc")
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *CFLAGS, _cpu_key()]).encode())
-    target = cache_dir() / f"gru_gates-{digest.hexdigest()[:16]}.so"
+    target = cache_dir() / f"kernels-{digest.hexdigest()[:16]}.so"
     if not target.exists():
         if shutil.which(compiler) is None:
             raise KernelUnavailable(
-                f"marl.gru_scan=fused needs a C compiler to build {SOURCE.name}, and {compiler!r} "
-                "is not on PATH: install one (Debian: apt install gcc), point $CC at one, or set "
-                "marl.gru_scan=eager (plain torch ops, slower)")
+                f"marl.kernels=c needs a C compiler to build {SOURCE.name}, and {compiler!r} is "
+                "not on PATH: install one (Debian: apt install gcc), point $CC at one, or set "
+                "marl.kernels=torch (plain torch ops, slower)")
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / target.name
@@ -81,7 +87,7 @@ def load_kernel() -> ctypes.CDLL:
                                   capture_output=True, text=True)
             if done.returncode != 0:
                 raise KernelUnavailable(
-                    f"building {SOURCE.name} with {compiler} failed (set marl.gru_scan=eager to "
+                    f"building {SOURCE.name} with {compiler} failed (set marl.kernels=torch to "
                     f"use plain torch ops):\n{done.stderr}")
             os.replace(built, target)
     lib = ctypes.CDLL(str(target))
@@ -92,7 +98,16 @@ def load_kernel() -> ctypes.CDLL:
                                        _PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR,
                                        _I64, _I64, _I64]
     lib.gru_gates_backward.restype = None
+    lib.flat_head_masked_max.argtypes = [_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64]
+    lib.flat_head_masked_max.restype = None
     return lib
+
+
+def _check_float32(kernel: str, **tensors: Tensor) -> None:
+    for name, x in tensors.items():
+        if x.dtype != torch.float32 or x.device.type != "cpu":
+            raise TypeError(f"{kernel}: {name} is {x.dtype} on {x.device}; the C kernels take "
+                            "float32 on the CPU (set marl.kernels=torch otherwise)")
 
 
 def _scan_forward(gi: Tensor, s0: Tensor, w_hh: Tensor, b_hh: Tensor, save: bool):
@@ -156,11 +171,24 @@ def gru_scan(gi: Tensor, s0: Tensor, w_hh: Tensor, b_hh: Tensor) -> Tensor:
     """GRUCell's recurrence for M stacked nets: `gi[M, T, B, 3h]` (input projections with
     b_ih), `s0[M, B, h]`, `w_hh[M, h, 3h]` (W_hh transposed), `b_hh[M, 1, 3h]` -> the
     states `[T, M, B, h]`. Differentiable in all four; float32 only (the kernel's type)."""
-    for name, x in (("gi", gi), ("s0", s0), ("w_hh", w_hh), ("b_hh", b_hh)):
-        if x.dtype != torch.float32 or x.device.type != "cpu":
-            raise TypeError(f"gru_scan: {name} is {x.dtype} on {x.device}; the fused kernel takes "
-                            "float32 on the CPU (use marl.gru_scan=eager otherwise)")
+    _check_float32("gru_scan", gi=gi, s0=s0, w_hh=w_hh, b_hh=b_hh)
     gi, s0 = gi.contiguous(), s0.contiguous()
     if torch.is_grad_enabled() and any(x.requires_grad for x in (gi, s0, w_hh, b_hh)):
         return _GRUScan.apply(gi, s0, w_hh, b_hh)
     return _scan_forward(gi, s0, w_hh, b_hh, save=False)[0][1:]
+
+
+def flat_head_masked_max(x: Tensor, covered: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """`FlatHead.masked_max` without gathering: `x[R, h]`, `covered[R, U]`, the head's
+    `weight[2^(U+1), h]` and `bias[2^(U+1), 1]` -> values `[R]` and argmax actions `[R]`
+    (ties: the first valid action in `valid_actions_of` order). No gradient."""
+    _check_float32("flat_head_masked_max", x=x, weight=weight, bias=bias)
+    n_rows, h = x.shape
+    x = x.detach().contiguous()
+    covered = covered.to(torch.uint8).contiguous()
+    values = x.new_empty(n_rows)
+    best = torch.empty(n_rows, dtype=torch.long)
+    load_kernel().flat_head_masked_max(x.data_ptr(), covered.data_ptr(), weight.data_ptr(),
+                                       bias.data_ptr(), values.data_ptr(), best.data_ptr(),
+                                       n_rows, covered.shape[1], h)
+    return values, best

@@ -1,14 +1,13 @@
-/* Fused GRU gate arithmetic (torch.nn.GRUCell's equations) for one slot of M stacked nets.
+/* The Q networks' two C kernels (why: dntsync/marl/kernels.py, which compiles this file on
+ * first use and calls it through ctypes). Plain C on raw float32 buffers.
  *
- * Plain C on raw float32 buffers, compiled on first use and called through ctypes by
- * dntsync.marl.gru_scan; the matmuls stay in torch. Why our own code: on the Q networks'
- * small tensors ([M=3, B=16, H=128]) eager torch spends more time launching the dozen
- * elementwise ops of a GRU step (and their backward) than computing them, and no library
- * op fuses them on CPU (torch's fused GRU cell is CUDA only).
+ * 1. Fused GRU gate arithmetic (torch.nn.GRUCell's equations) for one slot of M stacked
+ *    nets, forward and backward; the matmuls stay in torch.
  *
- * Every array is M blocks (one per net) of B rows; a row holds 3H gate values (r, z, n, as
- * torch.nn.GRUCell) or H state values; `*_stride` is the distance in floats between two
- * nets' blocks, rows inside a block are contiguous. */
+ *    Every array is M blocks (one per net) of B rows; a row holds 3H gate values (r, z, n, as
+ *    torch.nn.GRUCell) or H state values; `*_stride` is the distance in floats between two
+ *    nets' blocks, rows inside a block are contiguous.
+ * 2. The flat head's masked max over valid actions, row by row (acting). */
 #include <stdint.h>
 
 /* exp(x) in float32 without libm or branches, so that the loops vectorise: x = k ln2 + f,
@@ -115,4 +114,56 @@ void gru_gates_backward(const float *g_out, int64_t g_stride, const float *carry
                          d_gi + m * dgi_stride + b * 3 * H, d_gh + m * dgh_stride + b * 3 * H,
                          ds + here, H);
         }
+}
+
+/* ------------------------------------------------------------ 2. flat head's masked max
+ * For each row: max and argmax of Q(a) = w_a . x + b_a over the row's valid actions, the
+ * upload bit times every subset of its covered users (see dntsync.marl.networks). Valid
+ * action j in 0 .. 2^(k+1) - 1 of a row covering users u_1 < ... < u_k sets bit 0 (upload)
+ * if bit 0 of j is set and bit u_i + 1 if bit i of j is; ties go to the smallest j (the
+ * order of `valid_actions_of`). No gathered copy of the weight rows is made: acting with
+ * B environments needs only B rows, and copying their valid actions' weights cost more
+ * than the dot products. */
+
+static float dot(const float *restrict a, const float *restrict b, int64_t n) {
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8)
+        for (int l = 0; l < 8; ++l)
+            acc[l] += a[j + l] * b[j + l];
+    float total = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (; j < n; ++j)
+        total += a[j] * b[j];
+    return total;
+}
+
+/* x [R][H], covered [R][U] (0/1 bytes), weight [2^(U+1)][H], bias [2^(U+1)] -> values [R],
+ * best [R] (action codes). */
+void flat_head_masked_max(const float *x, const uint8_t *covered, const float *weight,
+                          const float *bias, float *values, int64_t *best, int64_t R,
+                          int64_t U, int64_t H) {
+    int64_t bit_value[64];
+    for (int64_t row = 0; row < R; ++row) {
+        const float *x_row = x + row * H;
+        int64_t k = 0;
+        bit_value[k++] = 1;  /* upload */
+        for (int64_t u = 0; u < U; ++u)
+            if (covered[row * U + u])
+                bit_value[k++] = (int64_t)1 << (u + 1);
+        float top = 0.0f;
+        int64_t top_action = -1;
+        for (int64_t j = 0; j < ((int64_t)1 << k); ++j) {
+            int64_t action = 0;
+            for (int64_t i = 0; i < k; ++i)
+                if (j >> i & 1)
+                    action += bit_value[i];
+            float q = dot(weight + action * H, x_row, H) + bias[action];
+            if (top_action < 0 || q > top) {
+                top = q;
+                top_action = action;
+            }
+        }
+        values[row] = top;
+        best[row] = top_action;
+    }
 }
