@@ -47,6 +47,8 @@ static void row_forward(const float *restrict gi, const float *restrict gh,
     }
 }
 
+/* row_forward without the stores for the backward (target nets, acting): a separate
+ * branch-free loop, so that both vectorise. */
 static void row_forward_nosave(const float *restrict gi, const float *restrict gh,
                                const float *restrict s, float *restrict out, int64_t H) {
     for (int64_t j = 0; j < H; ++j) {

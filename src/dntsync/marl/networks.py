@@ -83,6 +83,11 @@ def valid_actions_of(covered: Tensor) -> Tensor:
     return (_subsets(k + 1).to(covered.device)[None] * bit_values[:, None, :]).sum(-1)
 
 
+def _c_masked_max(kernels: str) -> bool:
+    """Whether a flat head's masked max runs the C kernel: `kernels="c"`, no gradient wanted."""
+    return kernels == "c" and not torch.is_grad_enabled()
+
+
 class FlatHead(nn.Module):
     """Q(a) = w_a . x + b_a for each of the 2^(U+1) actions (the paper's output layer).
 
@@ -122,7 +127,7 @@ class FlatHead(nn.Module):
         alone: per coverage pattern, the weight rows of its valid actions are gathered once
         and multiplied with the hidden states of all rows sharing it.
         """
-        if self.kernels == "c" and not torch.is_grad_enabled():
+        if _c_masked_max(self.kernels):
             return flat_head_masked_max(x, covered, self.weight, self.bias)
         if x.shape[0] <= RAGGED_MAX_ROWS:
             return self._masked_max_ragged(x, covered)
@@ -230,7 +235,7 @@ class FactorisedHead(nn.Module):
         super().__init__()
         self.n_users = n_users
         self.sparse_grad = False  # U + 2 outputs: nothing to gain
-        self.kernels = kernels  # its masked max is a few vectorised ops: no kernel
+        del kernels  # FlatHead's signature; this masked max is a few vectorised ops, no kernel
         self.terms = nn.Linear(hidden, n_users + 2)  # q_0, upload, serve user 1..U
 
     def q(self, x: Tensor, actions: Tensor) -> Tensor:
@@ -367,8 +372,7 @@ class AgentQNets(nn.Module):
         h, n_users = hidden.shape[-1], covered.shape[-1]
         shape = covered.shape[:-1]
         heads = [net.head for net in self.agents]
-        kernel = self.kernels == "c" and not torch.is_grad_enabled()  # FlatHead.masked_max's C path
-        if (not kernel and all(isinstance(hd, FlatHead) for hd in heads)
+        if (not _c_masked_max(self.kernels) and all(isinstance(hd, FlatHead) for hd in heads)
                 and shape.numel() > RAGGED_MAX_ROWS * len(heads)):
             x = hidden.reshape(-1, len(heads), h).transpose(0, 1)  # [M, R, h]
             values, best = flat_masked_max(heads, x, covered.reshape(-1, len(heads), n_users).transpose(0, 1))
