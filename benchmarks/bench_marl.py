@@ -72,7 +72,7 @@ def _setup(overrides: list[str], algo: str = "vdn"):
 
     cfg = load_config("conf/params.yaml", ["env.predictor=hold-last", *overrides])
     data = build_data(cfg, HoldLast(cfg.twin.window), seed=0)
-    learner = build_learner(cfg, algo, data.env.obs_dim)
+    learner = build_learner(cfg, algo, data.env.obs_dim, data.env.user_dim)
 
     class _Trainer:  # what the DataModule reads from Lightning's trainer
         lightning_module = learner

@@ -14,6 +14,7 @@ from dntsync.config import from_dict
 from dntsync.env import DntEnv, Drift, RandomValid, action_mask, is_valid
 from dntsync.env.evaluate import Rollout, StatelessPolicy, rollout
 from dntsync.marl import IQL, VDN, FactorisedHead, FlatHead, QPolicy
+from dntsync.marl.networks import BranchingHead
 from dntsync.marl.networks import valid_mask
 from dntsync.marl.replay import EpisodeBatch, EpisodeReplay
 from dntsync.marl.training import fit_marl
@@ -38,26 +39,29 @@ def tiny_config(tmp_path: Path, **marl) -> object:
 # ---------------------------------------------------------------------- heads and masks
 @pytest.mark.parametrize("ragged_max_rows", [0, 256])  # flat head: by pattern / row by row
 @pytest.mark.parametrize("n_users", [3, 6])
-@pytest.mark.parametrize("head_cls", [FlatHead, FactorisedHead])
+@pytest.mark.parametrize("head_cls", [FlatHead, FactorisedHead, BranchingHead])
 def test_masked_max_equals_full_matmul_over_valid_actions(head_cls, n_users, ragged_max_rows,
                                                            monkeypatch):
     import dntsync.marl.networks as networks
 
     monkeypatch.setattr(networks, "RAGGED_MAX_ROWS", ragged_max_rows)
     torch.manual_seed(0)
-    head = head_cls(8, n_users)
+    head = head_cls(8, n_users, user_dim=4)
     x = torch.randn(64, 8)
     covered = torch.rand(64, n_users) < 0.5
     covered[0], covered[1] = False, True  # no user / every user covered
     covered[10:20] = covered[9]  # rows sharing one coverage pattern
+    users = torch.randn(64, n_users, 4) * covered[..., None]  # (x, y, covered, feature)
+    users[..., 2] = covered.float()
     with torch.no_grad():
-        values, best = head.masked_max(x, covered)
-        full = head.all_q(x).masked_fill(~valid_mask(covered), -torch.inf)
+        out = head.outputs(x, users)
+        values, best = head.masked_max(out, covered)
+        full = head.all_q(out).masked_fill(~valid_mask(covered), -torch.inf)
         np.testing.assert_allclose(values, full.max(-1).values, rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(head.q(x, best), values, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(head.q(out, best), values, rtol=1e-5, atol=1e-5)
         every = torch.arange(2 ** (n_users + 1)).expand(64, -1)
-        np.testing.assert_allclose(head.q(x.repeat_interleave(every.shape[1], 0), every.reshape(-1)),
-                                   head.all_q(x).reshape(-1), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(head.q(out.repeat_interleave(every.shape[1], 0), every.reshape(-1)),
+                                   head.all_q(out).reshape(-1), rtol=1e-5, atol=1e-5)
     assert is_valid(best.numpy(), covered.numpy()).all()
     assert (valid_mask(covered).numpy() == action_mask(covered.numpy()).astype(bool)).all()
 
@@ -148,10 +152,10 @@ def episode_batch(scenario: Scenario, n_episodes: int, seed: int) -> EpisodeBatc
     return EpisodeBatch(**{k: torch.from_numpy(replay.arrays[k]) for k in EpisodeReplay.FIELDS})
 
 
-def make_learner(cls, double_q: bool, scenario: Scenario, obs_dim: int):
+def make_learner(cls, double_q: bool, scenario: Scenario, obs_dim: int, head: str = "flat"):
     torch.manual_seed(1)
     learner = cls(n_agents=scenario.n_bs, obs_dim=obs_dim, n_users=scenario.n_users, hidden=6,
-                  head="flat", gamma=0.2, double_q=double_q)
+                  head=head, gamma=0.2, double_q=double_q)
     with torch.no_grad():  # a target net that differs from the online one
         for p in learner.target.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -161,8 +165,9 @@ def make_learner(cls, double_q: bool, scenario: Scenario, obs_dim: int):
 def all_q_values(nets, obs: torch.Tensor) -> np.ndarray:
     """Q of every action `[B, T, M, A]` from the naive full matmul (no masking)."""
     with torch.no_grad():
-        hidden = nets.unroll(obs)
-        return np.stack([net.head.all_q(hidden[:, :, m]).numpy()
+        outputs = nets.head_outputs(nets.unroll(obs), obs)
+        return np.stack([net.head.all_q(outputs[:, :, m].reshape(-1, outputs.shape[-1]))
+                         .view(*outputs.shape[:2], -1).numpy()
                          for m, net in enumerate(nets.agents)], axis=2)
 
 
@@ -183,18 +188,19 @@ def next_value_table(learner, batch) -> np.ndarray:
     return out
 
 
+@pytest.mark.parametrize("head", ["flat", "branching"])
 @pytest.mark.parametrize("double_q", [False, True])
-def test_vdn_loss_is_eq_22_by_hand(double_q):
+def test_vdn_loss_is_eq_22_by_hand(double_q, head):
     scenario = Scenario(**TINY)
     batch = episode_batch(scenario, 3, seed=4)
-    learner = make_learner(VDN, double_q, scenario, batch.obs.shape[-1])
+    learner = make_learner(VDN, double_q, scenario, batch.obs.shape[-1], head)
     # an invalid action with a huge Q must never be chosen nor maxed over: "upload and serve
     # every user" for the BSs that never cover every user in these episodes
     serve_all = 2 ** (scenario.n_users + 1) - 1
     never_full = [m for m in range(scenario.n_bs) if not batch.covered[:, :, m].all(-1).any()]
     assert never_full
     with torch.no_grad():
-        for m in never_full:
+        for m in never_full if head == "flat" else []:  # per-bit heads: covered bits only
             learner.online.agents[m].head.bias[serve_all] = 1e6
             learner.target.agents[m].head.bias[serve_all] = 1e6
     q_on, future = all_q_values(learner.online, batch.obs), next_value_table(learner, batch)

@@ -21,7 +21,7 @@ from dntsync.env.actions import decode
 from dntsync.env.predictors import HoldLast, Predictor
 from dntsync.env.step import Outcome, resolve
 from dntsync.network.mobility import initial_positions, move_probabilities, step_positions
-from dntsync.network.radio import coverage, draw_fading
+from dntsync.network.radio import coverage, draw_fading, user_distances
 from dntsync.network.scenario import Scenario
 
 OBSERVATIONS = ("full", "positions_only")
@@ -29,6 +29,12 @@ OBSERVATIONS = ("full", "positions_only")
 # the same numbers for every BS; "bs": (xy - BS position) / coverage radius, so a covered
 # user lies in the unit disc of its BS's own frame (a local state).
 OBS_FRAMES = ("area", "bs")
+# Extra per-user numbers a BS can compute from a covered user's position and the public,
+# fixed layout (BS positions, coverage radius); zero for users outside its coverage.
+# "others": how many *other* BSs cover the user, / (M - 1) (0: only this BS can serve it);
+# "margin": (distance to the nearest other covering BS - own distance) / radius, 0 when no
+# other BS covers it (positive: this BS is the nearer one).
+USER_FEATURES = ("others", "margin")
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,7 @@ class DntEnv:
         seed: int = 0,
         observation: str = "full",
         obs_frame: str = "area",
+        user_features: tuple[str, ...] = (),
     ) -> None:
         if n_envs < 1:
             raise ValueError(f"n_envs = {n_envs} is invalid: need >= 1")
@@ -72,6 +79,11 @@ class DntEnv:
             raise ValueError(f"observation = {observation!r} is invalid: choose from {OBSERVATIONS}")
         if obs_frame not in OBS_FRAMES:
             raise ValueError(f"obs_frame = {obs_frame!r} is invalid: choose from {OBS_FRAMES}")
+        unknown = [f for f in user_features if f not in USER_FEATURES]
+        if unknown or len(set(user_features)) != len(user_features):
+            raise ValueError(f"user_features = {list(user_features)} is invalid: distinct names "
+                             f"from {USER_FEATURES}")
+        self.user_features = tuple(user_features)
         self.scenario = scenario
         self.predictor = predictor if predictor is not None else HoldLast()
         self.n_envs = n_envs
@@ -97,8 +109,13 @@ class DntEnv:
         return self.scenario.n_actions
 
     @property
+    def user_dim(self) -> int:
+        """Numbers per user at the front of an observation: (x, y, covered, *user_features)."""
+        return 3 + len(self.user_features)
+
+    @property
     def obs_dim(self) -> int:
-        return 3 * self.scenario.n_users + (2 if self.observation == "full" else 0)
+        return self.user_dim * self.scenario.n_users + (2 if self.observation == "full" else 0)
 
     @property
     def window(self) -> int:
@@ -131,18 +148,31 @@ class DntEnv:
         )
 
     def observe(self) -> np.ndarray:
-        """Local observation of every BS, `[B, M, obs_dim]`, scaled to about [-1, 1]."""
+        """Local observation of every BS, `[B, M, obs_dim]`, scaled to about [-1, 1]: per user
+        `user_dim` numbers (x, y, covered, then `user_features`), then the two upload numbers."""
         st = self.state
-        n_users = self.scenario.n_users
-        # Written in place into one float32 array: per user (x, y, covered), then the two
-        # upload numbers.
-        obs = np.empty((self.n_envs, self.n_agents, self.obs_dim), dtype=np.float32)
-        per_user = obs[..., : 3 * n_users].reshape(self.n_envs, self.n_agents, n_users, 3)
+        n_users, n_bs, f = self.scenario.n_users, self.n_agents, self.user_dim
+        # Written in place into one float32 array.
+        obs = np.empty((self.n_envs, n_bs, self.obs_dim), dtype=np.float32)
+        per_user = obs[..., : f * n_users].reshape(self.n_envs, n_bs, n_users, f)
         for c in range(2):  # x then y: numpy is slow on a length-2 innermost axis
             scaled = ((st.user_xy[:, None, :, c] - self._center[None, :, c, None])
                       / self._half[None, :, c, None])  # [B, 1 or M, U]
             per_user[..., c] = np.where(st.covered, scaled, 0.0)
         per_user[..., 2] = st.covered
+        if self.user_features:
+            dist = user_distances(self.scenario, st.user_xy)  # [B, M, U]
+            covered = st.covered
+            for i, name in enumerate(self.user_features):
+                if name == "others":  # other covering BSs, computable from the layout
+                    value = (covered.sum(-2, keepdims=True) - covered) / max(1, n_bs - 1)
+                else:  # "margin"
+                    d = np.where(covered, dist, np.inf)
+                    # nearest other covering BS: the smallest of the others' distances
+                    other = np.stack([np.delete(d, m, axis=-2).min(-2) for m in range(n_bs)], -2) \
+                        if n_bs > 1 else np.full_like(d, np.inf)
+                    value = np.where(np.isfinite(other), other - dist, 0.0) / self.scenario.coverage_radius
+                per_user[..., 3 + i] = np.where(covered, value, 0.0)
         if self.observation == "full":
             obs[..., -2] = self._last_ok
             obs[..., -1] = np.minimum(self._since_ok / self.scenario.episode_length, 1.0)

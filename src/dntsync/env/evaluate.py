@@ -118,14 +118,14 @@ class Evaluation:
 
     def __init__(self, scenario: Scenario, predictor: Predictor, n_episodes: int, seed: int,
                  observation: str = "full", batch_envs: int = 256,
-                 obs_frame: str = "area") -> None:
+                 obs_frame: str = "area", user_features: tuple[str, ...] = ()) -> None:
         if n_episodes < 1:
             raise ValueError(f"n_episodes = {n_episodes} is invalid: need >= 1")
         self.n_episodes = n_episodes
         self.seed = seed
         sizes = [min(batch_envs, n_episodes - start) for start in range(0, n_episodes, batch_envs)]
         self.envs = [DntEnv(scenario, predictor, n_envs=n, seed=seed + i, observation=observation,
-                             obs_frame=obs_frame)
+                             obs_frame=obs_frame, user_features=user_features)
                      for i, n in enumerate(sizes)]
 
     @property

@@ -110,9 +110,11 @@ class QPolicy:
 
     @torch.no_grad()
     def act(self, state: SlotState, obs: np.ndarray) -> np.ndarray:
-        hidden = self.nets.unroll(torch.as_tensor(obs)[:, None], self.state)[:, 0]  # [B, M, h]
+        obs = torch.as_tensor(obs)
+        hidden = self.nets.unroll(obs[:, None], self.state)[:, 0]  # [B, M, h]
         self.state = hidden
-        _, greedy = self.nets.masked_max(hidden, torch.as_tensor(state.covered))
+        outputs = self.nets.head_outputs(hidden, obs)
+        _, greedy = self.nets.masked_max(outputs, torch.as_tensor(state.covered))
         actions = greedy.numpy()
         if self.epsilon > 0:
             actions = self.explore(actions, state.covered, self.epsilon, self.rng)
@@ -125,20 +127,17 @@ class QLearner(pl.LightningModule):
     algo = "base"  # the registry name of a subclass
 
     def __init__(self, n_agents: int, obs_dim: int, n_users: int, *, hidden: int = 128,
-                 head: str = "flat", head_bias_init: float | None = None,
-                 reward_scale: float = 1.0, sparse_head: bool = False, grad_clip: float = 10.0,
+                 head: str = "flat", sparse_head: bool = False, grad_clip: float = 10.0,
                  gamma: float = 0.2, lr: float = 1e-4,
                  double_q: bool = True, target_update_epochs: int = 2,
                  epsilon_start: float = 1.0, epsilon_end: float = 0.05,
                  epsilon_decay_epochs: int = 50, exploration: str = "action",
-                 kernels: str = "c") -> None:
+                 kernels: str = "c", user_dim: int = 3) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False  # two optimisers with `sparse_head`: see training_step
         self.online = AgentQNets(n_agents, obs_dim, hidden, n_users, head, sparse_head,
-                                 kernels)  # theta_m
-        if head_bias_init is not None:
-            self.online.init_head_bias_(head_bias_init)
+                                 kernels, user_dim)  # theta_m
         self.target = copy.deepcopy(self.online)  # theta~_m
         self.target.requires_grad_(False)
 
@@ -167,20 +166,24 @@ class QLearner(pl.LightningModule):
     def td_loss(self, batch: EpisodeBatch) -> Tensor:
         hp = self.hparams
         hidden = self.online.unroll(batch.obs)  # [B, T, M, h], from a zero hidden state
-        chosen_q = self.online.q(hidden, batch.actions)  # Q_{theta_m}(o_t^m, a_t^m)
+        outputs = self.online.head_outputs(hidden, batch.obs)
+        chosen_q = self.online.q(outputs, batch.actions)  # Q_{theta_m}(o_t^m, a_t^m)
         with torch.no_grad():
-            target_hidden = self.target.unroll(batch.obs)[:, 1:]
+            next_obs = batch.obs[:, 1:]
             next_covered = batch.covered[:, 1:]  # masks of slot t+1
-            if hp.double_q:  # online argmax, target value
-                _, best = self.online.masked_max(hidden[:, 1:].detach(), next_covered)
-                next_q = self.target.q(target_hidden, best)
+            if hp.target_update_epochs == 0:  # no target net: bootstrap from the online one
+                next_q, _ = self.online.masked_max(outputs[:, 1:].detach(), next_covered)
+            elif hp.double_q:  # online argmax, target value
+                target_outputs = self.target.head_outputs(self.target.unroll(batch.obs)[:, 1:], next_obs)
+                _, best = self.online.masked_max(outputs[:, 1:].detach(), next_covered)
+                next_q = self.target.q(target_outputs, best)
             else:
-                next_q, _ = self.target.masked_max(target_hidden, next_covered)
+                target_outputs = self.target.head_outputs(self.target.unroll(batch.obs)[:, 1:], next_obs)
+                next_q, _ = self.target.masked_max(target_outputs, next_covered)
             # no slot after the last one: its value is masked by `terminated` below
             next_q = torch.cat([next_q, torch.zeros_like(next_q[:, :1])], dim=1)
         q, reward, next_value = self.td_terms(chosen_q, next_q, batch)
         not_done = _like(1.0 - batch.terminated, q)
-        reward = reward / hp.reward_scale
         target = reward + hp.gamma * not_done * next_value  # y~, eqs. (20)-(21)
         mask = _like(batch.filled, q).expand_as(q)
         return (((q - target) * mask) ** 2).sum() / mask.sum()  # eq. (22) / (37)
@@ -202,7 +205,8 @@ class QLearner(pl.LightningModule):
         # epoch-level curves are logged against the epoch g = 1..G ("step"), not the batch
         self.log_dict({"epsilon": self.epsilon(self.current_epoch),
                        "step": float(self.current_epoch + 1)})
-        if (self.current_epoch + 1) % self.hparams.target_update_epochs == 0:
+        every = self.hparams.target_update_epochs
+        if every and (self.current_epoch + 1) % every == 0:
             self.target.load_state_dict(self.online.state_dict())
 
     def validation_step(self, evaluation, batch_idx: int) -> None:

@@ -52,24 +52,23 @@ warnings.filterwarnings("ignore", ".*Checkpoint directory .* exists and is not e
 
 
 # ---------------------------------------------------------------------- building blocks
-def build_learner(cfg: Config, algo: str, obs_dim: int) -> QLearner:
+def build_learner(cfg: Config, algo: str, obs_dim: int, user_dim: int = 3) -> QLearner:
     mc = cfg.marl
     return LEARNERS[algo](
         n_agents=cfg.scenario.n_bs, obs_dim=obs_dim, n_users=cfg.scenario.n_users,
-        hidden=mc.hidden, head=mc.head, head_bias_init=mc.head_bias_init,
-        reward_scale=mc.reward_scale, sparse_head=mc.sparse_head, grad_clip=mc.grad_clip, gamma=mc.gamma, lr=mc.lr, double_q=mc.double_q,
+        hidden=mc.hidden, head=mc.head, sparse_head=mc.sparse_head, grad_clip=mc.grad_clip, gamma=mc.gamma, lr=mc.lr, double_q=mc.double_q,
         target_update_epochs=mc.target_update_epochs, epsilon_start=mc.epsilon_start,
         epsilon_end=mc.epsilon_end, epsilon_decay_epochs=mc.epsilon_decay_epochs,
-        exploration=mc.exploration, kernels=mc.kernels,
+        exploration=mc.exploration, kernels=mc.kernels, user_dim=user_dim,
     )
 
 
 def build_data(cfg: Config, predictor: Predictor, seed: int) -> EpisodeDataModule:
     mc = cfg.marl
     env = DntEnv(cfg.scenario, predictor, n_envs=mc.episodes_per_epoch, seed=seed,
-                 observation=cfg.env.observation, obs_frame=cfg.env.obs_frame)
+                 **cfg.env.observation_options())
     evaluation = Evaluation(cfg.scenario, predictor, mc.eval_episodes, mc.eval_seed,
-                            observation=cfg.env.observation, obs_frame=cfg.env.obs_frame)
+                            **cfg.env.observation_options())
     return EpisodeDataModule(env, evaluation, seed=seed, buffer_capacity=mc.buffer_capacity,
                              batches_per_epoch=mc.batches_per_epoch, batch_size=mc.batch_size)
 
@@ -221,7 +220,7 @@ def fit_marl(cfg: Config, *, algo: str | None = None, seed: int | None = None,
 
     pl.seed_everything(seed, workers=False, verbose=False)  # initial weights
     data = build_data(cfg, predictor_model, seed)
-    learner = build_learner(cfg, algo, data.env.obs_dim)
+    learner = build_learner(cfg, algo, data.env.obs_dim, data.env.user_dim)
     recorder = EpochRecorder()
     all_callbacks: list = [recorder, *(callbacks or [])]
     paths = RunPaths.of(cfg, algo, seed)

@@ -39,9 +39,9 @@ def diagnose_model(cfg: Config, path: Path) -> dict:
     algo = trained["algo"]
     learner = LEARNERS[algo].load_from_checkpoint(str(path), map_location="cpu")
     predictor, description = build_predictor(cfg)
-    mc, env_cfg = cfg.marl, cfg.env
+    mc = cfg.marl
     evaluation = Evaluation(cfg.scenario, predictor, mc.eval_episodes, mc.eval_seed,
-                            observation=env_cfg.observation, obs_frame=env_cfg.obs_frame)
+                            **cfg.env.observation_options())
     warning = None
     if trained.get("predictor") != description:
         warning = (f"{path} was trained with predictor {trained.get('predictor')!r}, played here "

@@ -39,8 +39,7 @@ def trace(cfg: Config) -> dict:
     point = next(p for p in sweep_points(cfg, "fig5") if p.value == cfg.sweeps.fig6_value)
     pcfg = point_config(cfg, point)
     predictor, description = build_predictor(pcfg)
-    env = DntEnv(pcfg.scenario, predictor, n_envs=1, observation=pcfg.env.observation,
-                 obs_frame=pcfg.env.obs_frame)
+    env = DntEnv(pcfg.scenario, predictor, n_envs=1, **pcfg.env.observation_options())
     seed = cfg.sweeps.fig6_episode_seed
     learners: dict[str, dict] = {}
     for algo in cfg.sweeps.algos:

@@ -1,0 +1,95 @@
+"""The learner ablation (docs/learners.md): from the paper-literal learner to the default one,
+one change at a time, each row VDN with every seed of `marl.seeds` in the Fig. 3 setting.
+
+    .venv/bin/python scripts/ablation.py            # every row (about 25 min on 2 cores)
+    .venv/bin/python scripts/ablation.py --rows 0 6  # some rows
+
+Row k is `dntsync train-learners` with the overrides of rows 0..k (`ROWS`) and outputs under
+`runs/ablation/<k>-<name>/`; finished runs are found and not repeated. Needs the twin
+(`dvc repro train_twin`). Writes `benchmarks/results/ablation.json` and prints the table:
+team reward per step (mean and std over seeds), its ratio to the best heuristic and to the
+myopic oracle on the same evaluation episodes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "ablation.json"
+
+# (name, overrides added by the row); row 0 is conf/profiles/paper.yaml's learner
+ROWS: list[tuple[str, list[str]]] = [
+    ("paper", ["env.observation=positions_only", "env.obs_frame=area", "env.user_features=[]",
+               "marl.head=flat", "marl.lr=1e-4", "marl.exploration=action",
+               "marl.epsilon_start=0.5", "marl.target_update_epochs=2"]),
+    ("upload-state", ["env.observation=full"]),
+    ("branching-head", ["marl.head=branching"]),
+    ("bs-frame", ["env.obs_frame=bs"]),
+    ("others-feature", ["env.user_features=[others]"]),
+    ("bit-exploration", ["marl.exploration=bit", "marl.epsilon_start=0.3"]),
+    ("lr-2e-3", ["marl.lr=2e-3"]),
+    ("no-target-net", ["marl.target_update_epochs=0"]),
+]
+
+
+def row_overrides(k: int) -> list[str]:
+    return [o for _, extra in ROWS[: k + 1] for o in extra]
+
+
+def run_row(k: int) -> dict:
+    name = f"{k}-{ROWS[k][0]}"
+    out = f"runs/ablation/{name}"
+    sets = [*row_overrides(k), "sweeps.algos=[vdn]", f"marl.model_dir={out}/models",
+            f"marl.metrics_dir={out}/metrics", f"marl.checkpoint_dir={out}/checkpoints"]
+    cmd = [str(ROOT / ".venv" / "bin" / "dntsync"), "train-learners",
+           *[a for s in sets for a in ("--set", s)]]
+    print("$ " + " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    summary = json.loads((ROOT / out / "metrics" / "marl_vdn.json").read_text())
+    return {"row": k, "name": ROWS[k][0], "adds": ROWS[k][1], "command": " ".join(cmd[1:]),
+            "team_reward": summary["eval_team_reward"],
+            "std_over_seeds": summary["eval_team_reward_std_over_seeds"],
+            "per_seed": summary["eval_team_reward_per_seed"],
+            "ratio_to_best_heuristic": summary["ratio_to_best_heuristic"],
+            "best_heuristic": summary["best_heuristic"],
+            "ratio_to_oracle": summary["ratio_to_oracle"],
+            "wall_time_s_per_seed": summary["wall_time_s_per_seed"]}
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| row | adds | team reward (std over seeds) | / best heuristic | / oracle |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['row']} {r['name']} | `{' '.join(r['adds'])}` | {r['team_reward']:.2f} "
+                     f"({r['std_over_seeds']:.2f}) | {r['ratio_to_best_heuristic']:.3f} | "
+                     f"{r['ratio_to_oracle']:.3f} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, nargs="*", default=list(range(len(ROWS))))
+    args = parser.parse_args()
+    bad = [k for k in args.rows if not 0 <= k < len(ROWS)]
+    if bad:
+        print(f"--rows {bad}: rows are 0..{len(ROWS) - 1}", file=sys.stderr)
+        return 2
+    done = {r["row"]: r for r in json.loads(RESULTS.read_text())["rows"]} if RESULTS.exists() else {}
+    for k in args.rows:
+        done[k] = run_row(k)
+    rows = [done[k] for k in sorted(done)]
+    tmp = RESULTS.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"rows": rows}, indent=1))
+    tmp.replace(RESULTS)
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
