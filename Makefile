@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTHON ?= python3
 
-.PHONY: install run quick test test-fast bench tune postgres clean
+.PHONY: install run quick paper ablation test test-fast bench tune postgres clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,16 @@ run: $(STAMP)
 # The same pipeline on the reduced `quick` profile, in .profiles/quick/.
 quick: $(STAMP)
 	$(VENV)/bin/dntsync pipeline --profile conf/profiles/quick.yaml
+
+# The paper-literal learner (flat head, positions-only local state, Table II) through the
+# whole pipeline, in .profiles/paper/ (slower than `make run`).
+paper: $(STAMP)
+	$(VENV)/bin/dntsync pipeline --profile conf/profiles/paper.yaml
+
+# From the paper's learner to the default one, a change at a time, 3 seeds each (needs the
+# twin: `dvc repro train_twin`); writes benchmarks/results/ablation.json (docs/learners.md).
+ablation: $(STAMP)
+	$(PY) scripts/ablation.py
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -65,6 +65,10 @@ def _peak_rss_mb() -> float:
 
 
 # ---------------------------------------------------------------------- building blocks
+# The flat head (the paper profile's), which the C masked max and the kernels section time.
+FLAT = ["marl.head=flat"]
+
+
 def _setup(overrides: list[str], algo: str = "vdn"):
     from dntsync.config import load_config
     from dntsync.env.predictors import HoldLast
@@ -88,6 +92,9 @@ class NaiveFlatHead(torch.nn.Module):
         super().__init__()
         self.inner = head
         self.sparse_grad = False  # all 2^(U+1) outputs: a dense gradient, plain Adam
+
+    def outputs(self, x, users=None):
+        return x
 
     def q(self, x, actions):
         return self.inner.all_q(x).gather(1, actions[:, None]).squeeze(1)
@@ -135,7 +142,7 @@ def _update_times(learner, data, batch_size: int, repeats: int, grad_clip: float
 # ---------------------------------------------------------------------- 1. updates
 def bench_updates(repeats: int) -> dict:
     out = {}
-    for head in ("flat", "factorised"):
+    for head in ("flat", "factorised", "branching"):
         cfg, data, learner = _setup([f"marl.head={head}"])
         for epoch in range(2):
             data.collect(epoch)
@@ -268,7 +275,7 @@ def bench_masked_max(repeats: int) -> dict:
     one `FlatHead.masked_max` per BS. Median milliseconds of `repeats` calls."""
     from dntsync.marl.networks import flat_masked_max
 
-    _, data, learner = _setup([])
+    _, data, learner = _setup(FLAT)
     for epoch in range(2):
         data.collect(epoch)
     batch = data.replay.sample(16, np.random.default_rng(0))
@@ -313,7 +320,7 @@ def bench_kernels(repeats: int) -> dict:
     from dntsync.marl.learners import QPolicy
     from dntsync.marl.training import fit_marl
 
-    cfg, data, learner = _setup([])
+    cfg, data, learner = _setup(FLAT)
     for epoch in range(4):
         data.collect(epoch)
     times: dict[str, dict[str, list[float]]] = {"update_ms": {}, "acting_masked_max_ms": {},
@@ -340,7 +347,7 @@ def bench_kernels(repeats: int) -> dict:
         for kernels in ("c", "torch"):
             with tempfile.TemporaryDirectory() as tmp:
                 run_cfg = load_config("conf/params.yaml", [
-                    "env.predictor=hold-last", "marl.epochs=15", f"marl.kernels={kernels}",
+                    "env.predictor=hold-last", "marl.epochs=15", f"marl.kernels={kernels}", *FLAT,
                     f"marl.model_dir={tmp}/m", f"marl.metrics_dir={tmp}/x",
                     f"marl.checkpoint_dir={tmp}/c"])
                 t = time.perf_counter()

@@ -80,7 +80,9 @@ def test_every_figure_metric_and_report_exists_and_is_non_trivial(project):
     assert len(trace["learners"]["iql"]["dnt_error"][0]) == trace["slots"] == 6
     report = (project / "reports/RESULTS.md").read_text()
     assert "## The paper's claims beside ours" in report and "+28.96%" in report
-    assert "## Why the learners fall short of the heuristic" in report and "outer-only" in report
+    assert "## Whom each BS serves" in report and "outer-only" in report
+    assert "## Do the learners learn the task?" in report and "x oracle" in report
+    assert "## From the paper's learner to the default, one change at a time" in report
     assert "nan" not in report.lower()
 
 

@@ -65,6 +65,13 @@ REGISTRY: dict[str, tuple[str, ...]] = {
                    f"{ME}::test_benchmark_scripts_run_and_write_their_results"),
     "make tune": (f"{ME}::test_make_targets_run_the_documented_commands",
                   f"{ME}::test_tune_objective_marl_writes_the_tuned_overlay"),
+    # the paper profile lays its copy as the quick one does (same code path, its overlay
+    # checked by tests/test_config.py); the ablation's rows are checked by tests/test_learning.py
+    "make paper": (f"{ME}::test_make_targets_run_the_documented_commands",
+                   f"{ME}::test_quick_profile_lays_the_documented_reduced_copy",
+                   "tests/test_config.py::test_paper_profile_is_the_paper_literal_learner"),
+    "make ablation": (f"{ME}::test_make_targets_run_the_documented_commands",
+                      "tests/test_learning.py::test_ablation_runs_from_the_paper_profile_to_the_default_learner"),
     # The pipeline: `dntsync pipeline --profile conf/profiles/tiny.yaml` runs `dvc repro`,
     # which runs every stage command, in tests/test_pipeline.py's `project` fixture
     "dvc repro": (PIPELINE_E2E,),
@@ -401,6 +408,8 @@ MAKE_TARGETS = {
     "bench": [".venv/bin/python benchmarks/bench_env.py", ".venv/bin/python benchmarks/bench_twin.py",
               ".venv/bin/python benchmarks/bench_marl.py"],
     "tune": [".venv/bin/dntsync tune"],
+    "paper": [".venv/bin/dntsync pipeline --profile conf/profiles/paper.yaml"],
+    "ablation": [".venv/bin/python scripts/ablation.py"],
 }
 
 
@@ -473,7 +482,7 @@ def test_benchmark_scripts_run_and_write_their_results(tmp_path):
     twin = json.loads((tmp_path / "results/twin.json").read_text())
     assert twin["ratio_gru_over_hold_last"] > 0 and "freshly initialised" in twin["gru"]["source"]
     marl = json.loads((bench / "results/marl.json").read_text())
-    assert set(marl["updates"]) == {"flat", "factorised"} and set(marl["heads"]) == {"U12", "U16"}
+    assert set(marl["updates"]) == {"flat", "factorised", "branching"} and set(marl["heads"]) == {"U12", "U16"}
     assert "full_run" not in marl
 
 

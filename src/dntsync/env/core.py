@@ -21,7 +21,7 @@ from dntsync.env.actions import decode
 from dntsync.env.predictors import HoldLast, Predictor
 from dntsync.env.step import Outcome, resolve
 from dntsync.network.mobility import initial_positions, move_probabilities, step_positions
-from dntsync.network.radio import coverage, draw_fading, user_distances
+from dntsync.network.radio import coverage, draw_fading
 from dntsync.network.scenario import Scenario
 
 OBSERVATIONS = ("full", "positions_only")
@@ -31,10 +31,8 @@ OBSERVATIONS = ("full", "positions_only")
 OBS_FRAMES = ("area", "bs")
 # Extra per-user numbers a BS can compute from a covered user's position and the public,
 # fixed layout (BS positions, coverage radius); zero for users outside its coverage.
-# "others": how many *other* BSs cover the user, / (M - 1) (0: only this BS can serve it);
-# "margin": (distance to the nearest other covering BS - own distance) / radius, 0 when no
-# other BS covers it (positive: this BS is the nearer one).
-USER_FEATURES = ("others", "margin")
+# "others": how many *other* BSs cover the user, / (M - 1) (0: only this BS can serve it).
+USER_FEATURES = ("others",)
 
 
 @dataclass(frozen=True)
@@ -160,19 +158,9 @@ class DntEnv:
                       / self._half[None, :, c, None])  # [B, 1 or M, U]
             per_user[..., c] = np.where(st.covered, scaled, 0.0)
         per_user[..., 2] = st.covered
-        if self.user_features:
-            dist = user_distances(self.scenario, st.user_xy)  # [B, M, U]
-            covered = st.covered
-            for i, name in enumerate(self.user_features):
-                if name == "others":  # other covering BSs, computable from the layout
-                    value = (covered.sum(-2, keepdims=True) - covered) / max(1, n_bs - 1)
-                else:  # "margin"
-                    d = np.where(covered, dist, np.inf)
-                    # nearest other covering BS: the smallest of the others' distances
-                    other = np.stack([np.delete(d, m, axis=-2).min(-2) for m in range(n_bs)], -2) \
-                        if n_bs > 1 else np.full_like(d, np.inf)
-                    value = np.where(np.isfinite(other), other - dist, 0.0) / self.scenario.coverage_radius
-                per_user[..., 3 + i] = np.where(covered, value, 0.0)
+        if "others" in self.user_features:  # other covering BSs, computable from the layout
+            others = (st.covered.sum(-2, keepdims=True) - st.covered) / max(1, n_bs - 1)
+            per_user[..., 3 + self.user_features.index("others")] = np.where(st.covered, others, 0.0)
         if self.observation == "full":
             obs[..., -2] = self._last_ok
             obs[..., -1] = np.minimum(self._since_ok / self.scenario.episode_length, 1.0)

@@ -264,7 +264,6 @@ class FactorisedHead(nn.Module):
         return terms[:, :1] + terms[:, 1:] @ action_bits(every, self.n_users).T
 
 
-BRANCH_WIDTH = 128
 COVERED_FEATURE = 2  # a user's numbers are (x, y, covered, *env.user_features)
 
 
@@ -286,7 +285,7 @@ class BranchingHead(FactorisedHead):
         self.n_users = n_users
         self.user_dim = user_dim
         self.sparse_grad = False
-        width = BRANCH_WIDTH
+        width = hidden  # a width of 32 learnt less (docs/learners.md)
         self.state_terms = nn.Linear(hidden, 2)  # q_0, upload
         self.user_state = nn.Linear(hidden, width)  # A x + c
         self.user_input = nn.Linear(user_dim, width, bias=False)  # C f_u

@@ -165,6 +165,19 @@ def sweep_table(sweep: dict) -> list[str]:
     return rows
 
 
+ABLATION = Path("benchmarks/results/ablation.json")  # scripts/ablation.py (make ablation)
+
+
+def ablation_table(ablation: dict) -> list[str]:
+    rows = ["| row | adds to the row above | VDN team reward (± over seeds) | / best heuristic | / oracle |",
+            "|---|---|---|---|---|"]
+    for r in ablation["rows"]:
+        rows.append(f"| {r['row']} {r['name']} | `{' '.join(r['adds'])}` | {r['team_reward']:.2f} ± "
+                    f"{r['std_over_seeds']:.2f} | {r['ratio_to_best_heuristic']:.3f} | "
+                    f"{r['ratio_to_oracle']:.3f} |")
+    return rows
+
+
 def twin_table(twin: dict) -> list[str]:
     per = twin["one_step"]["per_user"]
     rows = ["| user | twin MSE | Bayes floor | ratio | hold-last MSE |", "|---|---|---|---|---|"]
@@ -250,6 +263,13 @@ def build(cfg: Config) -> str:
         lines += ["## Learners beside the heuristics and the oracle (Fig. 3 setting)", "",
                   "Mean per-step values on the fixed evaluation episodes; the learners' spread is "
                   "over training seeds.", "", *learner_table(marl), ""]
+    ablation = load(ABLATION.name, ABLATION.parent)
+    if ablation:
+        lines += ["## From the paper's learner to the default, one change at a time", "",
+                  "VDN in the Fig. 3 setting, each row adding one change to the row above (row 0 "
+                  "is `conf/profiles/paper.yaml`'s learner, the last the default); from "
+                  f"`scripts/ablation.py` (`make ablation`), committed in `{ABLATION}`; "
+                  "docs/learners.md has each row's command.", "", *ablation_table(ablation), ""]
     diagnosis = diagnosis_table(cfg) if marl else []
     if diagnosis:
         lines += ["## Whom each BS serves", "",
