@@ -20,7 +20,8 @@
    therefore written out in `training_step` (Lightning's manual optimisation).
 
 The target nets are synced every `target_update_epochs` epochs (Sec. III-D: "updated every
-several training epochs"). Greedy evaluation is Lightning's validation: the batch is an
+several training epochs"); with 0 there is none and the next-slot value is the online nets'
+own (detached), read from the same unroll. Greedy evaluation is Lightning's validation: the batch is an
 `Evaluation` that the learner plays with its greedy policy; every metric is logged as
 `eval_<metric>` (e.g. `eval_team_reward`) at that epoch.
 """

@@ -2,9 +2,9 @@
 
     o_t^m -> Linear(h) -> ReLU -> GRUCell(h) -> head -> Q_{theta_m}(o_t^m, a),  a in [0, 2^(U+1))
 
-Two heads produce the Q values of the 2^(U+1) actions (bit 0 = upload, bit u+1 = serve user u):
+Three heads produce the Q values of the 2^(U+1) actions (bit 0 = upload, bit u+1 = serve user u):
 
-- `FlatHead` (the paper's, default): one output row per action, Q(a) = w_a . x + b_a. Only
+- `FlatHead` (the paper's; the paper profile's): one output row per action, Q(a) = w_a . x + b_a. Only
   *valid* actions (serve bits within the BS's coverage, about 2^(1 + covered users) of them)
   are ever chosen or maxed over, so it never forms the 2^(U+1) outputs: the masked max
   gathers just the weight rows of the valid actions of each coverage pattern (patterns
@@ -15,9 +15,14 @@ Two heads produce the Q values of the 2^(U+1) actions (bit 0 = upload, bit u+1 =
   benchmark.
 - `FactorisedHead`: one term per bit, Q(a) = q_0 + sum over set bits i of a of q_i, so U + 2
   outputs. Its masked max is per bit: take every allowed bit whose term is positive.
+- `BranchingHead` (the default): the same per-bit form, each user's serve term from one
+  network shared by the users that reads the BS's state and that user's own numbers.
 
-Both heads answer the same three questions: `q(x, actions)`, `masked_max(x, covered)` and
-`all_q(x)`; masks are the coverage bits `covered[..., U]` (see `dntsync.env.actions`).
+Each head first turns the hidden states into what it reads (`outputs(x, users)`: the
+hidden states themselves for the flat head, the U + 2 terms for the per-bit heads, computed
+once per batch), then answers the same three questions: `q(outputs, actions)`,
+`masked_max(outputs, covered)` and `all_q(outputs)`; masks are the coverage bits
+`covered[..., U]` (see `dntsync.env.actions`).
 """
 
 from __future__ import annotations
