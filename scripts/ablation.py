@@ -2,10 +2,12 @@
 one change at a time, each row VDN with every seed of `marl.seeds` in the Fig. 3 setting.
 
     .venv/bin/python scripts/ablation.py            # every row (about 25 min on 2 cores)
-    .venv/bin/python scripts/ablation.py --rows 0 6  # some rows
+    .venv/bin/python scripts/ablation.py --rows 0 6 --leave-one-out  # some rows only
 
 Row k is `dntsync train-learners` with the overrides of rows 0..k (`ROWS`) and outputs under
-`runs/ablation/<k>-<name>/`; finished runs are found and not repeated. Needs the twin
+`runs/ablation/<k>-<name>/`; a leave-one-out row (`LEAVE_ONE_OUT`) undoes one change from
+the default alone (`runs/ablation/without-<name>/`). Finished runs are found and not
+repeated. Needs the twin
 (`dvc repro train_twin`). Writes `benchmarks/results/ablation.json` and prints the table:
 team reward per step (mean and std over seeds), its ratio to the best heuristic and to the
 myopic oracle on the same evaluation episodes.
@@ -38,21 +40,37 @@ ROWS: list[tuple[str, list[str]]] = [
 ]
 
 
+# (name, overrides of the default) for the changes that showed no difference where the rows
+# above added them: each undone alone from the default learner
+LEAVE_ONE_OUT: list[tuple[str, list[str]]] = [
+    ("area-frame", ["env.obs_frame=area"]),
+    ("action-exploration", ["marl.exploration=action", "marl.epsilon_start=0.5"]),
+    ("positions-only", ["env.observation=positions_only"]),
+]
+
+
 def row_overrides(k: int) -> list[str]:
     return [o for _, extra in ROWS[: k + 1] for o in extra]
 
 
 def run_row(k: int) -> dict:
-    name = f"{k}-{ROWS[k][0]}"
-    out = f"runs/ablation/{name}"
-    sets = [*row_overrides(k), "sweeps.algos=[vdn]", f"marl.model_dir={out}/models",
+    return _run(k, ROWS[k][0], f"runs/ablation/{k}-{ROWS[k][0]}", row_overrides(k), ROWS[k][1])
+
+
+def run_leave_one_out(i: int) -> dict:
+    name, sets = LEAVE_ONE_OUT[i]
+    return _run(i, name, f"runs/ablation/without-{name}", sets, sets)
+
+
+def _run(k: int, name: str, out: str, overrides: list[str], adds: list[str]) -> dict:
+    sets = [*overrides, "sweeps.algos=[vdn]", f"marl.model_dir={out}/models",
             f"marl.metrics_dir={out}/metrics", f"marl.checkpoint_dir={out}/checkpoints"]
     cmd = [str(ROOT / ".venv" / "bin" / "dntsync"), "train-learners",
            *[a for s in sets for a in ("--set", s)]]
     print("$ " + " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     summary = json.loads((ROOT / out / "metrics" / "marl_vdn.json").read_text())
-    return {"row": k, "name": ROWS[k][0], "adds": ROWS[k][1], "command": " ".join(cmd[1:]),
+    return {"row": k, "name": name, "adds": adds, "command": " ".join(cmd[1:]),
             "team_reward": summary["eval_team_reward"],
             "std_over_seeds": summary["eval_team_reward_std_over_seeds"],
             "per_seed": summary["eval_team_reward_per_seed"],
@@ -75,19 +93,30 @@ def table(rows: list[dict]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="*", default=list(range(len(ROWS))))
+    parser.add_argument("--leave-one-out", type=int, nargs="*",
+                        default=list(range(len(LEAVE_ONE_OUT))), metavar="I",
+                        help="rows of LEAVE_ONE_OUT (default: all)")
     args = parser.parse_args()
     bad = [k for k in args.rows if not 0 <= k < len(ROWS)]
+    bad += [i for i in args.leave_one_out if not 0 <= i < len(LEAVE_ONE_OUT)]
     if bad:
-        print(f"--rows {bad}: rows are 0..{len(ROWS) - 1}", file=sys.stderr)
+        print(f"{bad}: rows are 0..{len(ROWS) - 1}, leave-one-out rows 0..{len(LEAVE_ONE_OUT) - 1}",
+              file=sys.stderr)
         return 2
-    done = {r["row"]: r for r in json.loads(RESULTS.read_text())["rows"]} if RESULTS.exists() else {}
+    old = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    done = {r["row"]: r for r in old.get("rows", [])}
+    undone = {r["row"]: r for r in old.get("leave_one_out", [])}
     for k in args.rows:
         done[k] = run_row(k)
-    rows = [done[k] for k in sorted(done)]
+    for i in args.leave_one_out:
+        undone[i] = run_leave_one_out(i)
+    result = {"rows": [done[k] for k in sorted(done)],
+              "leave_one_out": [undone[i] for i in sorted(undone)]}
     tmp = RESULTS.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"rows": rows}, indent=1))
+    tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(RESULTS)
-    print(table(rows))
+    print(table(result["rows"]))
+    print(table(result["leave_one_out"]))
     return 0
 
 

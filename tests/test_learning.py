@@ -87,3 +87,5 @@ def test_ablation_runs_from_the_paper_profile_to_the_default_learner():
     assert to_plain(first) == to_plain(paper)
     assert to_plain(last) == to_plain(default)
     assert to_plain(first) != to_plain(default)
+    for _, sets in ablation.LEAVE_ONE_OUT:  # each undoes a change the default has
+        assert to_plain(apply_overrides(default, sets)) != to_plain(default)

@@ -152,10 +152,11 @@ def episode_batch(scenario: Scenario, n_episodes: int, seed: int) -> EpisodeBatc
     return EpisodeBatch(**{k: torch.from_numpy(replay.arrays[k]) for k in EpisodeReplay.FIELDS})
 
 
-def make_learner(cls, double_q: bool, scenario: Scenario, obs_dim: int, head: str = "flat"):
+def make_learner(cls, double_q: bool, scenario: Scenario, obs_dim: int, head: str = "flat",
+                 target_update_epochs: int = 2):
     torch.manual_seed(1)
     learner = cls(n_agents=scenario.n_bs, obs_dim=obs_dim, n_users=scenario.n_users, hidden=6,
-                  head=head, gamma=0.2, double_q=double_q)
+                  head=head, gamma=0.2, double_q=double_q, target_update_epochs=target_update_epochs)
     with torch.no_grad():  # a target net that differs from the online one
         for p in learner.target.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -173,7 +174,9 @@ def all_q_values(nets, obs: torch.Tensor) -> np.ndarray:
 
 def next_value_table(learner, batch) -> np.ndarray:
     """`[B, T-1, M]`: max over slot t+1's valid actions (numpy masks), plain or double Q."""
-    q_on, q_tg = (all_q_values(n, batch.obs) for n in (learner.online, learner.target))
+    no_target = learner.hparams.target_update_epochs == 0  # bootstrap from the online nets
+    q_on, q_tg = (all_q_values(n, batch.obs)
+                  for n in (learner.online, learner.online if no_target else learner.target))
     mask = action_mask(batch.covered.numpy()).astype(bool)  # [B, T, M, A]
     B, T, M = batch.actions.shape
     out = np.zeros((B, T - 1, M))
@@ -188,12 +191,13 @@ def next_value_table(learner, batch) -> np.ndarray:
     return out
 
 
+@pytest.mark.parametrize("target_update_epochs", [2, 0])  # a target net / none (online bootstrap)
 @pytest.mark.parametrize("head", ["flat", "branching"])
 @pytest.mark.parametrize("double_q", [False, True])
-def test_vdn_loss_is_eq_22_by_hand(double_q, head):
+def test_vdn_loss_is_eq_22_by_hand(double_q, head, target_update_epochs):
     scenario = Scenario(**TINY)
     batch = episode_batch(scenario, 3, seed=4)
-    learner = make_learner(VDN, double_q, scenario, batch.obs.shape[-1], head)
+    learner = make_learner(VDN, double_q, scenario, batch.obs.shape[-1], head, target_update_epochs)
     # an invalid action with a huge Q must never be chosen nor maxed over: "upload and serve
     # every user" for the BSs that never cover every user in these episodes
     serve_all = 2 ** (scenario.n_users + 1) - 1

@@ -168,10 +168,10 @@ def sweep_table(sweep: dict) -> list[str]:
 ABLATION = Path("benchmarks/results/ablation.json")  # scripts/ablation.py (make ablation)
 
 
-def ablation_table(ablation: dict) -> list[str]:
-    rows = ["| row | adds to the row above | VDN team reward (± over seeds) | / best heuristic | / oracle |",
+def ablation_table(ablation_rows: list[dict], what: str = "adds to the row above") -> list[str]:
+    rows = [f"| row | {what} | VDN team reward (± over seeds) | / best heuristic | / oracle |",
             "|---|---|---|---|---|"]
-    for r in ablation["rows"]:
+    for r in ablation_rows:
         rows.append(f"| {r['row']} {r['name']} | `{' '.join(r['adds'])}` | {r['team_reward']:.2f} ± "
                     f"{r['std_over_seeds']:.2f} | {r['ratio_to_best_heuristic']:.3f} | "
                     f"{r['ratio_to_oracle']:.3f} |")
@@ -269,7 +269,11 @@ def build(cfg: Config) -> str:
                   "VDN in the Fig. 3 setting, each row adding one change to the row above (row 0 "
                   "is `conf/profiles/paper.yaml`'s learner, the last the default); from "
                   f"`scripts/ablation.py` (`make ablation`), committed in `{ABLATION}`; "
-                  "docs/learners.md has each row's command.", "", *ablation_table(ablation), ""]
+                  "docs/learners.md has each row's command.", "", *ablation_table(ablation["rows"]), ""]
+        if ablation.get("leave_one_out"):
+            lines += ["The changes that made no difference where they were added, each undone "
+                      "alone from the default:", "",
+                      *ablation_table(ablation["leave_one_out"], "undoes from the default"), ""]
     diagnosis = diagnosis_table(cfg) if marl else []
     if diagnosis:
         lines += ["## Whom each BS serves", "",
