@@ -1,7 +1,7 @@
 """The learner ablation (docs/learners.md): from the paper-literal learner to the default one,
 one change at a time, each row VDN with every seed of `marl.seeds` in the Fig. 3 setting.
 
-    .venv/bin/python scripts/ablation.py            # every row (about 25 min on 2 cores)
+    .venv/bin/python scripts/ablation.py            # every row (about 40 min on 2 cores)
     .venv/bin/python scripts/ablation.py --rows 0 6 --leave-one-out  # some rows only
 
 Row k is `dntsync train-learners` with the overrides of rows 0..k (`ROWS`) and outputs under
