@@ -92,7 +92,8 @@ REGISTRY: dict[str, tuple[str, ...]] = {
     "dntsync pipeline --profile conf/profiles/quick.yaml": (
         f"{ME}::test_quick_profile_lays_the_documented_reduced_copy", PIPELINE_E2E),
     # Results
-    "dntsync diagnose-learner": ("tests/test_diagnose.py::test_cli_prints_and_writes_the_diagnosis",),
+    "dntsync diagnose-learner --model models/marl/vdn_seed0.ckpt": (
+        "tests/test_diagnose.py::test_cli_prints_and_writes_the_diagnosis",),
     # Change the scenario
     "dntsync show-config --set scenario.n_users=20 --set scenario.n_rbs=9": (
         f"{ME}::test_show_config_applies_the_overrides",),
