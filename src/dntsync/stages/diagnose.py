@@ -35,7 +35,7 @@ def diagnose_model(cfg: Config, path: Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"--model {path} does not exist; train it with `dntsync train-marl`")
-    trained = torch.load(path, map_location="cpu", weights_only=False)["dntsync"]
+    trained = torch.load(path, map_location="cpu", weights_only=True)["dntsync"]
     algo = trained["algo"]
     learner = LEARNERS[algo].load_from_checkpoint(str(path), map_location="cpu")
     predictor, description = build_predictor(cfg)
