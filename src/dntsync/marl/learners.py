@@ -174,13 +174,13 @@ class QLearner(pl.LightningModule):
             next_covered = batch.covered[:, 1:]  # masks of slot t+1
             if hp.target_update_epochs == 0:  # no target net: bootstrap from the online one
                 next_q, _ = self.online.masked_max(outputs[:, 1:].detach(), next_covered)
-            elif hp.double_q:  # online argmax, target value
-                target_outputs = self.target.head_outputs(self.target.unroll(batch.obs)[:, 1:], next_obs)
-                _, best = self.online.masked_max(outputs[:, 1:].detach(), next_covered)
-                next_q = self.target.q(target_outputs, best)
             else:
                 target_outputs = self.target.head_outputs(self.target.unroll(batch.obs)[:, 1:], next_obs)
-                next_q, _ = self.target.masked_max(target_outputs, next_covered)
+                if hp.double_q:  # online argmax, target value
+                    _, best = self.online.masked_max(outputs[:, 1:].detach(), next_covered)
+                    next_q = self.target.q(target_outputs, best)
+                else:
+                    next_q, _ = self.target.masked_max(target_outputs, next_covered)
             # no slot after the last one: its value is masked by `terminated` below
             next_q = torch.cat([next_q, torch.zeros_like(next_q[:, :1])], dim=1)
         q, reward, next_value = self.td_terms(chosen_q, next_q, batch)
