@@ -26,9 +26,11 @@ quick: $(STAMP)
 	$(VENV)/bin/dntsync pipeline --profile conf/profiles/quick.yaml
 
 # The paper-literal learner (flat head, positions-only local state, Table II) through the
-# whole pipeline, in .profiles/paper/ (slower than `make run`).
+# whole pipeline, in .profiles/paper/ (hours on 2 cores: the flat head); keeps its report,
+# figures and headline metrics in docs/results/paper/ (scripts/keep_results.py).
 paper: $(STAMP)
 	$(VENV)/bin/dntsync pipeline --profile conf/profiles/paper.yaml
+	$(PY) scripts/keep_results.py .profiles/paper docs/results/paper
 
 # From the paper's learner to the default one, a change at a time, 3 seeds each (needs the
 # twin: `dvc repro train_twin`); writes benchmarks/results/ablation.json (docs/learners.md).

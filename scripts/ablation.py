@@ -22,6 +22,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dntsync.files import write_json
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "ablation.json"
 
@@ -112,9 +114,7 @@ def main() -> int:
         undone[i] = run_leave_one_out(i)
     result = {"rows": [done[k] for k in sorted(done)],
               "leave_one_out": [undone[i] for i in sorted(undone)]}
-    tmp = RESULTS.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(RESULTS)
+    write_json(RESULTS, result)
     print(table(result["rows"]))
     print(table(result["leave_one_out"]))
     return 0

@@ -86,6 +86,18 @@ def test_every_figure_metric_and_report_exists_and_is_non_trivial(project):
     assert "nan" not in report.lower()
 
 
+def test_keep_results_copies_the_report_figures_and_headline_metrics(project, tmp_path):
+    out = subprocess.run([sys.executable, str(REPO_ROOT / "scripts/keep_results.py"), str(project),
+                          str(tmp_path / "kept")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    kept = tmp_path / "kept"
+    assert (kept / "RESULTS.md").read_text() == (project / "reports/RESULTS.md").read_text()
+    assert {p.name for p in kept.glob("*.png")} >= set(FIGURES)
+    for name in ("twin.json", "sweep_fig4.json", "sweep_fig5.json", "fig6_episode.json",
+                 "marl/marl_vdn_seed1.json"):
+        assert (kept / "metrics" / name).read_bytes() == (project / "metrics" / name).read_bytes()
+
+
 def test_mlflow_holds_the_runs_under_one_parent(project):
     db = sqlite3.connect(project / "mlflow.db")
     counts = dict(db.execute(

@@ -11,6 +11,7 @@ import importlib
 import sys
 
 from dntsync.config import ConfigError, load_config
+from dntsync.errors import RunError, UserError
 
 # command -> stage module; each module has `run(cfg, args)` and may have `add_arguments(parser)`.
 COMMANDS = {
@@ -60,7 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"dntsync {args.command}: bad configuration: {err}", file=sys.stderr)
         return 2
-    result = args._module.run(cfg, args)
+    try:
+        result = args._module.run(cfg, args)
+    except UserError as err:
+        print(f"dntsync {args.command}: {err}", file=sys.stderr)
+        return 2
+    except (RunError, OSError) as err:  # OSError: e.g. a full disk (the last good files stay)
+        print(f"dntsync {args.command}: failed: {err}", file=sys.stderr)
+        return 1
     return int(result or 0)
 
 

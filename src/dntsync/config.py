@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -40,9 +42,52 @@ _Loader.add_implicit_resolver(
 )
 
 
-def read_yaml(text: str):
-    """Parse YAML text with scientific-notation floats read as floats."""
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict:
+    """A YAML mapping; a key given twice is an error (PyYAML would keep the last silently)."""
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} is given twice", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
+def read_yaml(text: str, source: str = "YAML"):
+    """Parse YAML text with scientific-notation floats read as floats; a syntax error or a
+    duplicate key is a `ConfigError` naming `source` and the line."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{source}: not valid YAML{where}: {problem}") from None
+
+
+def read_yaml_file(path: str | Path, what: str = "config file") -> dict:
+    """The mapping in the YAML file at `path` (empty file: {}); anything else that is not a
+    readable YAML mapping (missing, a folder, binary, bad syntax, a list) is a `ConfigError`."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{what} {str(path)!r} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"{what} {str(path)!r} is not a file")
+    try:
+        text = path.read_text()
+    except (UnicodeDecodeError, OSError) as err:
+        raise ConfigError(f"{what} {str(path)!r} cannot be read as text ({type(err).__name__})") from None
+    data = read_yaml(text, str(path))
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {str(path)!r} holds a {type(data).__name__}, not a mapping of "
+                          "sections (e.g. `marl:` then indented keys)")
+    return data
 
 
 def _need(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -355,10 +400,29 @@ class Config:
     sweeps: SweepsConfig = field(default_factory=SweepsConfig)
 
     def validate(self) -> None:
+        self._validate_sections()
+        self._validate_sweep_points()
+
+    def _validate_sections(self) -> None:
         _need(self.seed >= 0, "seed", self.seed, "need seed >= 0")
         self.scenario.validate()
         for name in ("data", "env", "twin", "marl", "tracking", "tune", "sweeps"):
             getattr(self, name).validate(name)
+
+    def _validate_sweep_points(self) -> None:
+        """Every point of the Fig. 4 / Fig. 5 grids is a valid config (its key exists, its
+        values and `fixed` overrides fit), so a bad grid fails on load, not mid-pipeline."""
+        for name in ("fig4", "fig5"):
+            spec: SweepConfig = getattr(self.sweeps, name)
+            for value in spec.values:
+                data = to_plain(self)
+                try:
+                    for text in (*spec.fixed, f"{spec.key}={value}"):
+                        _set_dotted(data, *parse_override(text))
+                    _build(Config, data, "")._validate_sections()
+                except ConfigError as err:
+                    raise ConfigError(f"sweeps.{name}: the point {spec.key} = {value!r} (fixed: "
+                                      f"{list(spec.fixed)}) is not a valid config: {err}") from None
 
     def to_dict(self) -> dict:
         return to_plain(self)
@@ -418,6 +482,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if hint is float:
         _need(isinstance(value, (int, float)) and not isinstance(value, bool), key, value,
               "need a number")
+        _need(math.isfinite(value), key, value, "need a finite number")
         return float(value)
     if hint is str:
         _need(isinstance(value, str), key, value, "need a string")
@@ -437,6 +502,15 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
         raise ConfigError(
             f"unknown key(s) {[where + k for k in unknown]}; allowed: {sorted(names)}"
         )
+    data = dict(data)
+    for f in dataclasses.fields(cls):  # a partly given sub-section keeps its other defaults
+        if isinstance(data.get(f.name), dict) and f.default_factory is not dataclasses.MISSING:
+            data[f.name] = merge(to_plain(f.default_factory()), data[f.name])
+    missing = sorted(f.name for f in dataclasses.fields(cls) if f.init and f.name not in data
+                     and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+    if missing:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"missing key(s) {[where + k for k in missing]}")
     kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
     return cls(**kwargs)
 
@@ -456,7 +530,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like key.sub=value")
     key, raw = text.split("=", 1)
-    return key.strip(), read_yaml(raw)
+    return key.strip(), read_yaml(raw, f"override {text!r}")
 
 
 def merge(base: dict, extra: dict) -> dict:
@@ -478,16 +552,20 @@ def load_config(
     overrides: typing.Sequence[str] = (),
     extra_files: typing.Sequence[str | Path] = (),
 ) -> Config:
-    """Load `path` (absent -> embedded defaults), merge `extra_files`, apply dotted overrides."""
+    """Load `path`, merge `extra_files`, apply dotted overrides. `path=None` starts from the
+    embedded defaults; so does a missing or empty `conf/params.yaml`, said on stderr (any
+    other missing file is an error)."""
     data: dict = {}
-    if path is not None and Path(path).exists():
-        data = read_yaml(Path(path).read_text()) or {}
-    elif path is not None and Path(path) != DEFAULT_PARAMS:
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+    if path is not None:
+        if Path(path) == DEFAULT_PARAMS and not Path(path).exists():
+            print(f"note: {DEFAULT_PARAMS} not found here: running on the built-in defaults "
+                  "(`dntsync show-config` prints them)", file=sys.stderr)
+        else:
+            data = read_yaml_file(path, "params file")
+            if not data:
+                print(f"note: {path} is empty: running on the built-in defaults", file=sys.stderr)
     for extra in extra_files:
-        if not Path(extra).exists():
-            raise ConfigError(f"config file {str(extra)!r} does not exist")
-        data = merge(data, read_yaml(Path(extra).read_text()) or {})
+        data = merge(data, read_yaml_file(extra, "config file"))
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(data, key, value)

@@ -19,6 +19,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from dntsync.files import save_figure
+
 SPREADS = ("std", "minmax")
 
 
@@ -159,7 +161,6 @@ def episode_figure(trace: Mapping, out_png: str | Path, *, title: str) -> Path:
 
 def _save(fig, out_png: str | Path) -> Path:
     out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=150)
+    save_figure(fig, out, dpi=150)
     plt.close(fig)
     return out

@@ -12,6 +12,7 @@ import contextlib
 import os
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from dntsync.config import Config, to_plain
@@ -45,24 +46,44 @@ def experiment_name(cfg: Config, stage: str) -> str:
 STAGES = ("pipeline", "twin", "marl", "tune")
 
 
+def store_lock(uri: str) -> contextlib.AbstractContextManager:
+    """An inter-process lock beside a local SQLite store (`<db>.lock`); none for a server.
+
+    MLflow creates and migrates a new SQLite store on first use with alembic, and two
+    processes doing it at once collide ("table ... already exists") and can leave the file
+    unusable; a server's database is created by the server alone."""
+    if not uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    from filelock import FileLock
+
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(f"{db}.lock", timeout=600)
+
+
 def prepare_store(cfg: Config, stages: tuple[str, ...] = STAGES) -> None:
-    """Create the tracking store and the experiments once, before parallel workers start
-    (two processes creating a new SQLite store at the same moment can collide)."""
+    """Create (or migrate) the tracking store and the experiments of `stages`, under
+    `store_lock`: every command that tracks calls it before its run starts."""
     import mlflow
 
-    mlflow.set_tracking_uri(cfg.tracking.mlflow_uri)
-    for stage in stages:
-        mlflow.set_experiment(experiment_name(cfg, stage))
+    with store_lock(cfg.tracking.mlflow_uri):
+        mlflow.set_tracking_uri(cfg.tracking.mlflow_uri)
+        for stage in stages:
+            mlflow.set_experiment(experiment_name(cfg, stage))
 
 
 @contextlib.contextmanager
 def mlflow_run(cfg: Config, stage: str, run_name: str | None = None,
                sections: tuple[str, ...] = ("seed", "scenario"),
-               tags: dict[str, str] | None = None) -> Iterator[Any]:
-    """Start an MLflow run for `stage` with the named config sections logged as params."""
+               tags: dict[str, str] | None = None, run_id: str | None = None) -> Iterator[Any]:
+    """Start an MLflow run for `stage` with the named config sections logged as params.
+
+    With `run_id` (an interrupted run's, see `dntsync.marl.training.tracked_run_id`) that
+    run is continued if the store still has it: params it already holds are kept (one whose
+    value changed, e.g. `marl.epochs` of an extended run, is tagged `changed_on_resume.<key>`)."""
     import mlflow
 
-    mlflow.set_tracking_uri(cfg.tracking.mlflow_uri)
+    prepare_store(cfg, (stage,))
     mlflow.set_experiment(experiment_name(cfg, stage))
     all_tags = {"dvc_stage": os.environ.get("DVC_STAGE", stage), "git_commit": git_commit(),
                 "stage": stage}
@@ -75,6 +96,17 @@ def mlflow_run(cfg: Config, stage: str, run_name: str | None = None,
     nested = mlflow.active_run() is not None  # e.g. an Optuna trial inside a study's run
     if nested:
         all_tags.pop("mlflow.parentRunId", None)
-    with mlflow.start_run(run_name=run_name or stage, tags=all_tags, nested=nested) as run:
-        mlflow.log_params(params)
+    if run_id is not None:
+        try:
+            held = mlflow.get_run(run_id).data.params
+        except mlflow.exceptions.MlflowException:
+            run_id, held = None, {}
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name or stage,
+                          tags=all_tags, nested=nested) as run:
+        if run_id is None:
+            mlflow.log_params(params)
+        else:
+            mlflow.log_params({k: v for k, v in params.items() if k not in held})
+            mlflow.set_tags({f"changed_on_resume.{k}": str(v) for k, v in params.items()
+                             if k in held and held[k] != str(v)})
         yield run

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from dntsync.env.actions import decode, encode, random_valid
 from dntsync.env.core import SlotState
+from dntsync.errors import RunError
 from dntsync.marl.networks import AgentQNets
 from dntsync.marl.replay import EpisodeBatch
 
@@ -193,6 +194,9 @@ class QLearner(pl.LightningModule):
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
         loss = self.td_loss(batch)
+        if not torch.isfinite(loss):
+            raise RunError(f"the TD loss became {loss.item()} in epoch {self.current_epoch + 1}; "
+                           "no model was written (try a smaller marl.lr or marl.grad_clip)")
         for opt in optimizers:
             opt.zero_grad()
         self.manual_backward(loss)

@@ -14,11 +14,11 @@ evaluation and the baselines on the same episodes are written (see `write_run_ou
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import math
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -34,6 +34,8 @@ from dntsync.env.core import DntEnv
 from dntsync.env.evaluate import METRICS, Evaluation, best_heuristic
 from dntsync.env.policies import baseline_policies
 from dntsync.env.predictors import Predictor
+from dntsync.errors import RunError, UserError
+from dntsync.files import copy_file, save_torch, write_csv, write_json, write_text
 from dntsync.marl.learners import LEARNERS, QLearner
 from dntsync.marl.replay import EpisodeDataModule
 
@@ -106,16 +108,48 @@ def drop_resumable_state(cfg: Config, algo: str, seed: int) -> None:
     shutil.rmtree(RunPaths.of(cfg, algo, seed).checkpoints, ignore_errors=True)
 
 
+def _unreadable(last: Path, record: Path) -> str | None:
+    """Why the resumable state cannot be read (which file, what error), or None."""
+    try:
+        json.loads(record.read_text())
+    except (OSError, ValueError) as err:
+        return f"{record} is unreadable ({type(err).__name__})"
+    try:
+        torch.load(last, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for truncated or foreign files
+        return f"{last} is unreadable ({type(err).__name__})"
+    return None
+
+
 def resume_path(paths: RunPaths, fingerprint: dict) -> Path | None:
-    """`last.ckpt` if it was written by a run with the same fingerprint; else start afresh."""
+    """`last.ckpt` if it was written by a run with the same fingerprint; else start afresh.
+
+    A state that cannot be read (a truncated `last.ckpt`, a corrupt `run.json`) is moved
+    aside to `<checkpoints>.bad-<time>`, said on stderr, and the run starts afresh."""
     last, record = paths.checkpoints / "last.ckpt", paths.checkpoints / "run.json"
-    if last.exists() and record.exists() and json.loads(record.read_text()) == fingerprint:
-        return last
+    if last.exists() and record.exists():
+        problem = _unreadable(last, record)
+        if problem:
+            aside = paths.checkpoints.with_name(
+                f"{paths.checkpoints.name}.bad-{time.strftime('%Y%m%d-%H%M%S')}")
+            paths.checkpoints.rename(aside)
+            print(f"warning: {problem}; kept aside as {aside}, training afresh", file=sys.stderr)
+        elif json.loads(record.read_text()) == fingerprint:
+            return last
     if paths.checkpoints.exists():
         shutil.rmtree(paths.checkpoints)  # another configuration's state: not resumable
     paths.checkpoints.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(fingerprint, indent=1, sort_keys=True))
+    write_text(record, json.dumps(fingerprint, indent=1, sort_keys=True))
     return None
+
+
+def tracked_run_id(paths: RunPaths) -> str | None:
+    """The MLflow run an interrupted run was logging to (`mlflow_run.json` beside its
+    resumable state), so that its resume continues the same run."""
+    try:
+        return json.loads((paths.checkpoints / "mlflow_run.json").read_text())["run_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 class EpochRecorder(Callback):
@@ -152,19 +186,50 @@ class EpochRecorder(Callback):
 
 
 def write_curve(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CURVE_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: row.get(k, "") for k in CURVE_COLUMNS})
+    write_csv(path, CURVE_COLUMNS, rows)
 
 
 def save_q_networks(learner: QLearner, path: Path, extra: dict) -> None:
     """The final Q networks (online and target), loadable with `LEARNERS[algo].load_from_checkpoint`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": learner.state_dict(), "hyper_parameters": dict(learner.hparams),
+    save_torch({"state_dict": learner.state_dict(), "hyper_parameters": dict(learner.hparams),
                 "pytorch-lightning_version": pl.__version__, "dntsync": extra}, path)
+
+
+def load_q_networks(path: str | Path, cfg: Config | None = None) -> tuple[QLearner, dict]:
+    """The Q networks in `path` (a file of `save_q_networks`), read with `weights_only=True`,
+    and the run's record ("algo", "seed", "predictor"). With `cfg`, the model must fit its
+    scenario (M BSs, U users). Every unreadable or unfitting file is a `UserError` naming it."""
+    path = Path(path)
+    fix = "pass a model of `dntsync train-marl` (models/marl/<algo>_seed<S>.ckpt)"
+    if not path.is_file():
+        raise UserError(f"model file {str(path)!r} does not exist; {fix}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for truncated or foreign files
+        raise UserError(f"model file {str(path)!r} is corrupt or not a plain tensor dict "
+                        f"({type(err).__name__}); {fix}") from None
+    if not (isinstance(payload, dict) and isinstance(payload.get("dntsync"), dict)
+            and payload["dntsync"].get("algo") in LEARNERS and "hyper_parameters" in payload):
+        what = "a twin checkpoint" if isinstance(payload, dict) and "scaler" in payload else "not one"
+        raise UserError(f"model file {str(path)!r} is not a train-marl model ({what}); {fix}")
+    record, hp = payload["dntsync"], payload["hyper_parameters"]
+    if cfg is not None:
+        user_dim = 3 + len(cfg.env.user_features)  # DntEnv.user_dim / obs_dim
+        obs_dim = user_dim * cfg.scenario.n_users + (2 if cfg.env.observation == "full" else 0)
+        want = {"n_agents": cfg.scenario.n_bs, "n_users": cfg.scenario.n_users,
+                "obs_dim": obs_dim}
+        diff = [f"{k} = {hp.get(k)} in the model, {v} here" for k, v in want.items() if hp.get(k) != v]
+        if diff:
+            raise UserError(f"model file {str(path)!r} was trained for another scenario "
+                            f"({'; '.join(diff)}): pass the --set/--config it was trained with")
+    try:
+        learner = LEARNERS[record["algo"]].load_from_checkpoint(path, map_location="cpu",
+                                                                weights_only=True)
+    except Exception as err:
+        raise UserError(f"model file {str(path)!r} does not load into a {record['algo']} learner "
+                        f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                        f"{fix}") from None
+    return learner, record
 
 
 def compare(learner_eval: dict, baselines: dict) -> dict:
@@ -224,8 +289,9 @@ def fit_marl(cfg: Config, *, algo: str | None = None, seed: int | None = None,
     recorder = EpochRecorder()
     all_callbacks: list = [recorder, *(callbacks or [])]
     paths = RunPaths.of(cfg, algo, seed)
-    ckpt_path = None
+    ckpt_path, previous_run = None, None
     if write_outputs:
+        previous_run = tracked_run_id(paths)
         ckpt_path = resume_path(paths, run_fingerprint(cfg, predictor_description))
         # `last.ckpt` overwritten every `checkpoint_every` epochs (after the learner's
         # epoch-end target sync)
@@ -241,10 +307,13 @@ def fit_marl(cfg: Config, *, algo: str | None = None, seed: int | None = None,
             check_val_every_n_epoch=cfg.marl.eval_every,  # clipping: QLearner.training_step
             num_sanity_val_steps=0, log_every_n_steps=1, default_root_dir=paths.checkpoints,
         )
-        trainer.fit(learner, datamodule=data, ckpt_path=ckpt_path)
+        trainer.fit(learner, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
 
     def finish() -> dict:
         final = data.evaluation.run(learner.greedy_policy())
+        if not all(math.isfinite(v["mean"]) for v in final.values()):
+            raise RunError(f"{algo} seed {seed}: the final evaluation is not finite "
+                           f"({ {k: v['mean'] for k, v in final.items()} }); no model was written")
         rows = recorder.rows
         if rows and not any(k.startswith("eval_") for k in rows[-1]):
             rows[-1].update({f"eval_{k}": v["mean"] for k, v in final.items()})
@@ -275,11 +344,14 @@ def fit_marl(cfg: Config, *, algo: str | None = None, seed: int | None = None,
 
     from dntsync.tracking import experiment_name, mlflow_run
 
-    tags = {"algo": algo, "marl_seed": str(seed)}
+    tags = {"algo": algo, "marl_seed": str(seed), "resumed_from": str(ckpt_path or "none")}
+    if previous_run and not ckpt_path:  # its state was not resumable: that run ended here
+        end_if_running(previous_run, cfg.tracking.mlflow_uri)
     with mlflow_run(cfg, "marl", run_name=f"{algo}-seed{seed}", sections=MLFLOW_SECTIONS,
-                    tags=tags) as run:
-        mlflow.log_params({"predictor": predictor_description,
-                           "resumed_from": str(ckpt_path) if ckpt_path else "none"})
+                    tags=tags, run_id=previous_run if ckpt_path else None) as run:
+        if write_outputs:  # a resume continues this run
+            write_json(paths.checkpoints / "mlflow_run.json", {"run_id": run.info.run_id})
+        mlflow.log_params({"predictor": predictor_description})
         logger = MLFlowLogger(experiment_name=experiment_name(cfg, "marl"),
                               tracking_uri=cfg.tracking.mlflow_uri, run_id=run.info.run_id)
         train(logger)
@@ -293,6 +365,18 @@ def fit_marl(cfg: Config, *, algo: str | None = None, seed: int | None = None,
             for path in (out.model, out.metrics, out.curve):
                 mlflow.log_artifact(str(path))
     return report
+
+
+def end_if_running(run_id: str, uri: str) -> None:
+    """Mark a run that was killed mid-training (still RUNNING in the store) KILLED."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    try:
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, "KILLED")
+    except mlflow.exceptions.MlflowException:
+        pass  # not in this store (any more)
 
 
 def flat_metrics(report: dict) -> dict[str, float]:
@@ -310,8 +394,7 @@ def flat_metrics(report: dict) -> dict[str, float]:
 def write_run_outputs(report: dict, learner: QLearner, rows: list[dict], paths: RunPaths) -> None:
     save_q_networks(learner, paths.model, {"algo": report["algo"], "seed": report["seed"],
                                             "predictor": report["predictor"]})
-    paths.metrics.parent.mkdir(parents=True, exist_ok=True)
-    paths.metrics.write_text(json.dumps(report, indent=1))
+    write_json(paths.metrics, report)
     write_curve(rows, paths.curve)
 
 
@@ -362,7 +445,6 @@ def write_summary(cfg: Config, algo: str, reports: list[dict]) -> dict:
     """Aggregate one algorithm's per-seed reports; write `<metrics_dir>/marl_<algo>.json` and
     copy the first seed's Q networks to `<model_dir>/<algo>.ckpt`."""
     summary = aggregate(reports)
-    shutil.copyfile(RunPaths.of(cfg, algo, cfg.marl.seeds[0]).model,
-                    Path(cfg.marl.model_dir) / f"{algo}.ckpt")
-    (Path(cfg.marl.metrics_dir) / f"marl_{algo}.json").write_text(json.dumps(summary, indent=1))
+    copy_file(RunPaths.of(cfg, algo, cfg.marl.seeds[0]).model, Path(cfg.marl.model_dir) / f"{algo}.ckpt")
+    write_json(Path(cfg.marl.metrics_dir) / f"marl_{algo}.json", summary)
     return summary

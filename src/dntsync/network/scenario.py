@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dntsync.errors import UserError
+
 # Movement order of eq. (1): stay, +y ("forward"), -y ("backward"), -x ("left"), +x ("right").
 MOVES = np.array([[0.0, 0.0], [0.0, 1.0], [0.0, -1.0], [-1.0, 0.0], [1.0, 0.0]])
 N_MOVES = len(MOVES)
@@ -21,7 +23,7 @@ MOBILITY_KEYS = ("n_users", "area_x", "area_y", "step_length", "dirichlet_alpha"
                  "episode_length")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration value is outside what the model allows; the message names the fix."""
 
 
@@ -82,6 +84,13 @@ class Scenario:
                 isinstance(value, (int, np.integer)) and not isinstance(value, bool),
                 key, value, "must be an integer",
             )
+        for f in dataclasses.fields(self):  # NaN and inf pass every comparison below: refuse them
+            value = getattr(self, f.name)
+            try:
+                finite = bool(np.all(np.isfinite(np.asarray(value, dtype=float))))
+            except (TypeError, ValueError):
+                finite = False
+            need(finite, f.name, value, "need finite numbers")
         need(self.n_users >= 1, "n_users", self.n_users, "need U >= 1")
         need(self.n_users <= 24, "n_users", self.n_users,
              "need U <= 24 (the action space has 2^(U+1) entries)")

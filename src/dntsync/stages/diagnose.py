@@ -11,10 +11,10 @@ it covers). See `dntsync.marl.diagnose`; `--out FILE` also writes the numbers as
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from dntsync.config import Config
+from dntsync.files import write_json
 
 
 def add_arguments(parser) -> None:
@@ -25,19 +25,13 @@ def add_arguments(parser) -> None:
 def diagnose_model(cfg: Config, path: Path) -> dict:
     """The diagnosis of one saved model on `cfg`'s evaluation episodes (see the module doc);
     "warning" says when `cfg`'s predictor differs from the one the model was trained with."""
-    import torch
-
     from dntsync.env.evaluate import Evaluation
     from dntsync.marl.diagnose import diagnose
-    from dntsync.marl.learners import LEARNERS
+    from dntsync.marl.training import load_q_networks
     from dntsync.stages.common import build_predictor
 
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"--model {path} does not exist; train it with `dntsync train-marl`")
-    trained = torch.load(path, map_location="cpu", weights_only=True)["dntsync"]
+    learner, trained = load_q_networks(path, cfg)
     algo = trained["algo"]
-    learner = LEARNERS[algo].load_from_checkpoint(str(path), map_location="cpu")
     predictor, description = build_predictor(cfg)
     mc = cfg.marl
     evaluation = Evaluation(cfg.scenario, predictor, mc.eval_episodes, mc.eval_seed,
@@ -63,6 +57,5 @@ def run(cfg: Config, args) -> int:
           + ", ".join(f"{k} {v:.2f}" for k, v in result["reference"].items())
           + f" (lazy BS: {result['lazy_bs']})")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1))
+        write_json(args.out, result)
     return 0

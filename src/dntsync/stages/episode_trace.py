@@ -9,7 +9,6 @@ team reward. Written to `metrics/fig6_episode.json`.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,8 @@ from dntsync.config import Config
 from dntsync.env.core import DntEnv
 from dntsync.env.evaluate import as_episode_policy, rollout
 from dntsync.env.policies import baseline_policies
+from dntsync.errors import UserError
+from dntsync.files import write_json
 from dntsync.stages.common import build_predictor
 from dntsync.stages.sweep import point_config, sweep_points
 
@@ -33,8 +34,7 @@ def per_slot(env: DntEnv, policy, seed: int) -> dict[str, list[float]]:
 
 
 def trace(cfg: Config) -> dict:
-    from dntsync.marl.learners import LEARNERS
-    from dntsync.marl.training import RunPaths
+    from dntsync.marl.training import RunPaths, load_q_networks
 
     point = next(p for p in sweep_points(cfg, "fig5") if p.value == cfg.sweeps.fig6_value)
     pcfg = point_config(cfg, point)
@@ -47,8 +47,8 @@ def trace(cfg: Config) -> dict:
         for s in cfg.marl.seeds:
             path = RunPaths.of(pcfg, algo, s).model
             if not path.exists():
-                raise FileNotFoundError(f"{path} is missing; run `dntsync sweep fig5` first")
-            learner = LEARNERS[algo].load_from_checkpoint(str(path), map_location="cpu")
+                raise UserError(f"{path} is missing; run `dntsync sweep fig5` first")
+            learner, _ = load_q_networks(path, pcfg)
             runs.append(per_slot(env, learner.greedy_policy(), seed))
         learners[algo] = {k: [r[k] for r in runs] for k in runs[0]}
     references = [p for p in baseline_policies(pcfg.scenario)
@@ -63,8 +63,7 @@ def trace(cfg: Config) -> dict:
 
 def run(cfg: Config, args) -> int:
     data = trace(cfg)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(data, indent=1))
+    write_json(OUT, data)
     errors = ", ".join(f"{a} mean DNT error {s['dnt_error']:.3f}" for a, s in data["summary"].items())
     print(f"wrote {OUT}: {errors}")
     return 0

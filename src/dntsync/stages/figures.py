@@ -8,11 +8,11 @@ summaries of `train-marl` (Fig. 3), `metrics/sweep_fig4.json` and `sweep_fig5.js
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 from dntsync.config import Config
+from dntsync.files import write_csv
 from dntsync.plots import convergence_figure, episode_figure, sweep_figure
 
 FIGURES = Path("figures")
@@ -20,12 +20,8 @@ DATA = FIGURES / "data"
 METRICS = Path("metrics")
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+def write_rows(path: Path, rows: list[dict]) -> None:
+    write_csv(path, list(rows[0]), rows)
 
 
 def sweep_rows(sweep: dict) -> list[dict]:
@@ -72,11 +68,11 @@ def run(cfg: Config, args) -> int:
         sweep = json.loads((METRICS / f"sweep_{name}.json").read_text())
         title = f"Fig. {name[3:]}: VDN vs IQL ({', '.join(sweep['fixed'])})"
         made.append(sweep_figure(sweep, FIGURES / f"{name}_{label}.png", xlabel=xlabel, title=title))
-        write_csv(DATA / f"{name}_{label}.csv", sweep_rows(sweep))
+        write_rows(DATA / f"{name}_{label}.csv", sweep_rows(sweep))
     trace = json.loads((METRICS / "fig6_episode.json").read_text())
     made.append(episode_figure(trace, FIGURES / "fig6_episode.png",
                                title=f"Fig. 6: one episode at {trace['point']} "
                                      f"({', '.join(trace['overrides'][:-1])})"))
-    write_csv(DATA / "fig6_episode.csv", episode_rows(trace))
+    write_rows(DATA / "fig6_episode.csv", episode_rows(trace))
     print("wrote " + ", ".join(str(p) for p in made))
     return 0

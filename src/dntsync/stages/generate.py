@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from dntsync.config import Config
+from dntsync.files import save_npz
 from dntsync.network.mobility import move_probabilities, trajectories
-
 
 
 def data_rng(cfg: Config) -> np.random.Generator:
@@ -49,8 +49,7 @@ def make_dataset(cfg: Config) -> dict[str, np.ndarray]:
 def run(cfg: Config, args) -> int:
     data = make_dataset(cfg)
     path = Path(cfg.data.path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(path, **data)
+    save_npz(path, **data)
     pos = data["positions"]
     print(f"wrote {path}: positions {pos.shape}, split {len(data['train_idx'])}/"
           f"{len(data['val_idx'])}/{len(data['test_idx'])}, hash {data['config_hash']}")

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from dntsync.config import Config, from_dict, load_config, merge, read_yaml
+from dntsync.config import Config, from_dict, load_config, merge, read_yaml_file
+from dntsync.files import write_text
 from dntsync.tracking import PARENT_ENV, mlflow_run, prepare_store
 
 PROJECT_FILES_CMD = ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"]
@@ -39,8 +40,8 @@ def project_files(root: Path) -> list[str]:
 
 def materialise(root: Path, profile: Path, dest: Path) -> Path:
     """Copy the project's files to `dest` with params overlaid by `profile`; git-init it."""
-    overlay = read_yaml(profile.read_text()) or {}
-    base = read_yaml((root / "conf/params.yaml").read_text()) or {}
+    overlay = read_yaml_file(profile, "profile")
+    base = read_yaml_file(root / "conf/params.yaml", "params file")
     params = merge(base, overlay)
     from_dict(params)  # validate before any work
     dest.mkdir(parents=True, exist_ok=True)
@@ -50,9 +51,8 @@ def materialise(root: Path, profile: Path, dest: Path) -> Path:
         target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(root / rel, target)
-    (dest / "conf/params.yaml").write_text(
-        f"# generated from conf/params.yaml + {profile}\n" + yaml.safe_dump(params, sort_keys=False)
-    )
+    write_text(dest / "conf/params.yaml", f"# generated from conf/params.yaml + {profile}\n"
+               + yaml.safe_dump(params, sort_keys=False))
     git = lambda *a: subprocess.run(["git", *a], cwd=dest, check=True, capture_output=True)  # noqa: E731
     if not (dest / ".git").exists():
         git("init", "-q")

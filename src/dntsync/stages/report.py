@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from dntsync.config import Config
+from dntsync.files import write_text
 
 OUT = Path("reports/RESULTS.md")
 METRICS = Path("metrics")
@@ -292,7 +293,6 @@ def build(cfg: Config) -> str:
 
 
 def run(cfg: Config, args) -> int:
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(build(cfg))
+    write_text(OUT, build(cfg))
     print(f"wrote {OUT}")
     return 0

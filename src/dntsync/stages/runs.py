@@ -16,6 +16,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from dntsync.config import Config, to_plain
+from dntsync.files import save_npz, write_json
 
 
 def _worker_init() -> None:
@@ -26,14 +27,12 @@ def _worker_init() -> None:
 
 def train_point_twin(cfg: Config) -> dict:
     """The point's data set and GRU twin (skipped when its checkpoint is already there)."""
-    import numpy as np
 
     from dntsync.stages.generate import make_dataset
     from dntsync.twin.training import fit_twin
 
     if not (Path(cfg.twin.checkpoint).exists() and Path(cfg.twin.metrics).exists()):
-        Path(cfg.data.path).parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(cfg.data.path, **make_dataset(cfg))
+        save_npz(cfg.data.path, **make_dataset(cfg))
         fit_twin(cfg, enable_progress_bar=False)
     return json.loads(Path(cfg.twin.metrics).read_text())
 
@@ -49,7 +48,7 @@ def train_point_learner(cfg: Config, algo: str, seed: int) -> dict:
             return report
     report = fit_marl(cfg, algo=algo, seed=seed, enable_progress_bar=False)
     report["config"] = to_plain(cfg)
-    metrics.write_text(json.dumps(report, indent=1))
+    write_json(metrics, report)
     drop_resumable_state(cfg, algo, seed)  # finished: the metrics file says so
     return report
 

@@ -12,13 +12,14 @@ take the larger scenarios first; see `run_jobs`). The aggregate, mean and spread
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from dntsync.config import Config, SweepConfig, apply_overrides, to_plain
+from dntsync.files import write_json
 from dntsync.network.scenario import MOBILITY_KEYS
 from dntsync.stages.runs import run_jobs
 from dntsync.tracking import prepare_store
@@ -125,7 +126,6 @@ def run(cfg: Config, args) -> int:
     summary = aggregate_sweep(cfg, sweep, points, results)
     summary["wall_time_s"] = time.perf_counter() - started
     out = Path("metrics") / f"sweep_{sweep}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=1))
+    write_json(out, summary)
     print(f"wrote {out} ({len(keys)} learner runs, {summary['wall_time_s']:.0f} s)")
     return 0

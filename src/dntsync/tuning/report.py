@@ -10,6 +10,7 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
+from dntsync.files import save_figure, write_text
 from dntsync.tuning.space import Knob, nested
 
 PARAMS_FILE = "conf/params.yaml"  # the file DVC reads (dvc.yaml `params:`)
@@ -63,7 +64,7 @@ def write_best_params(study: optuna.Study, knobs: tuple[Knob, ...], path: Path, 
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
     text = "".join(f"# {line}\n" for line in header)
-    path.write_text(text + yaml.safe_dump(nested(values), sort_keys=False))
+    write_text(path, text + yaml.safe_dump(nested(values), sort_keys=False))
     return path
 
 
@@ -87,7 +88,7 @@ def save_figures(study: optuna.Study, directory: Path, name: str,
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             ax = plot()
         ax.figure.tight_layout()
-        ax.figure.savefig(path, dpi=120)
+        save_figure(ax.figure, path, dpi=120)
         plt.close(ax.figure)
         written.append(path)
 

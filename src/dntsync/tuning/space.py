@@ -16,9 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from dntsync.config import Config, ConfigError, TuneConfig, from_dict, merge, to_plain
+from dntsync.config import Config, ConfigError, TuneConfig, from_dict, merge, read_yaml_file, to_plain
 
 KNOB_FIELDS = {"key", "type", "low", "high", "log", "step", "choices"}
 OBJECTIVE_NAMES = typing.get_args(typing.get_type_hints(TuneConfig)["objective"])
@@ -189,12 +187,7 @@ def parse_space(data: Any, cfg: Config, source: str = "search space") -> dict[st
 def load_space(path: str | Path, cfg: Config, objective: str) -> tuple[Knob, ...]:
     """The knobs of `objective` in the space file at `path`; the whole file is checked."""
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"search space file {str(path)!r} does not exist (tune.search_space)")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    data = read_yaml_file(path, "search space file (tune.search_space)")
     spaces = parse_space(data, cfg, str(path))
     if objective not in spaces:
         raise ConfigError(f"{path}: no knobs for objective {objective!r} "

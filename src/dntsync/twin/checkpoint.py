@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from dntsync.errors import UserError
+from dntsync.files import save_torch
 from dntsync.network.scenario import Scenario
 from dntsync.twin.model import GruTwin, Scaler
 
@@ -22,7 +24,7 @@ MOBILITY_FIELDS = ("n_users", "area_x", "area_y", "step_length", "dirichlet_alph
 RETRAIN = "retrain with `dntsync generate && dntsync train-twin` under the same settings"
 
 
-class TwinCheckpointError(ValueError):
+class TwinCheckpointError(UserError):
     """A twin checkpoint is unreadable or does not fit the run; the message names the fix."""
 
 
@@ -45,7 +47,7 @@ def save_twin(path: str | Path, net: GruTwin, scenario: Scenario,
         "state_dict": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
         "extra": extra or {},
     }
-    torch.save(payload, path)
+    save_torch(payload, path)
     return path
 
 

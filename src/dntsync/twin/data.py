@@ -40,11 +40,24 @@ def load_trajectories(cfg: Config) -> TrajectoryData:
     fix = "run `dntsync generate` first with the same --params/--config/--set options"
     if not path.exists():
         raise ConfigError(f"data file {str(path)!r} (data.path) does not exist; {fix}")
-    with np.load(path) as f:
-        data = {k: f[k] for k in f.files}
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            data = {k: f[k] for k in f.files}
+    except Exception as err:  # zipfile, pickle and OS errors of a truncated or foreign file
+        raise ConfigError(f"data file {str(path)!r} (data.path) is corrupt or not a dntsync data "
+                          f"set ({type(err).__name__}); {fix}") from None
+    missing = [k for k in ("positions", "move_probs", *(f"{s}_idx" for s in SPLITS)) if k not in data]
+    if missing:
+        raise ConfigError(f"data file {str(path)!r} (data.path) lacks the arrays {missing}; {fix}")
     want = cfg.data_hash()
     have = str(data.get("config_hash", "none"))
     positions = data["positions"]
+    if positions.ndim != 4 or positions.shape[-1] != 2:
+        raise ConfigError(f"data file {str(path)!r} holds positions of shape {positions.shape}, "
+                          f"not [trajectories, T+1, U, 2]; {fix}")
+    if not np.isfinite(positions).all():
+        raise ConfigError(f"data file {str(path)!r} holds non-finite positions "
+                          f"({int((~np.isfinite(positions)).sum())} values); {fix}")
     n_users = positions.shape[2]
     if n_users != cfg.scenario.n_users:
         raise ConfigError(f"data file {str(path)!r} holds U = {n_users} users but "

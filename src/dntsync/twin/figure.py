@@ -17,6 +17,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from dntsync.files import atomic_path, save_figure  # noqa: E402
+
 
 def pick_users(floor: np.ndarray) -> list[int]:
     """Users with the lowest, median and highest floor (distinct when U >= 3)."""
@@ -49,11 +51,11 @@ def plot_trajectories(path: str | Path, truth: np.ndarray, pred: np.ndarray, use
     fig.suptitle("GRU twin: true vs one-step predicted trajectories (one test trajectory; "
                  "MSE over the whole test set)", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    save_figure(fig, path, dpi=150)
     plt.close(fig)
 
     table = path.with_suffix(".csv")
-    with table.open("w", newline="") as f:
+    with atomic_path(table) as tmp, tmp.open("w", newline="") as f:
         out = csv.writer(f)
         out.writerow(["user", "t", "x_true", "y_true", "x_pred", "y_pred", "test_mse", "floor"])
         for u in users:

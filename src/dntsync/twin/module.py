@@ -5,6 +5,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import torch
 
+from dntsync.errors import RunError
 from dntsync.twin.model import GruTwin, Scaler, twin_loss
 
 
@@ -50,6 +51,9 @@ class TwinModule(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         context, target, t = batch
         loss = twin_loss(self.net(self._inputs(context, t)), target)  # eq. (14)
+        if not torch.isfinite(loss):
+            raise RunError(f"the twin's training loss became {loss.item()} in epoch "
+                           f"{self.current_epoch + 1}; no checkpoint was written (try a smaller twin.lr)")
         self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True,
                  batch_size=len(target))
         return loss

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import time
 import warnings
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping
 
 from dntsync.config import Config
 from dntsync.env.predictors import Drift, HoldLast
+from dntsync.files import write_json
 from dntsync.twin.checkpoint import save_twin
 from dntsync.twin.data import TrajectoryData, TwinDataModule, load_trajectories
 from dntsync.twin.evaluation import evaluate, one_step_predictions
@@ -111,9 +111,7 @@ def _write_outputs(cfg: Config, data: TrajectoryData, module: TwinModule, report
     ckpt = save_twin(cfg.twin.checkpoint, module.net, cfg.scenario,
                      extra={"data_hash": data.config_hash, "seed": cfg.seed,
                             "val_loss": report["training"]["val_loss"]})
-    metrics = Path(cfg.twin.metrics)
-    metrics.parent.mkdir(parents=True, exist_ok=True)
-    metrics.write_text(json.dumps(report, indent=2) + "\n")
+    metrics = write_json(cfg.twin.metrics, report, indent=2)
     test = data.positions["test"]
     truth = test[:1]  # the first test trajectory
     pred = one_step_predictions(twin, truth, cfg.twin.window)[0]
