@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from conftest import REPO_ROOT
@@ -116,6 +117,62 @@ def test_mlflow_holds_the_runs_under_one_parent(project):
     assert {"train_twin", *LEARNERS, "sweep@fig4", "sweep@fig5"} <= stages
 
 
+def test_every_command_the_report_names_runs(project):
+    """Each `dvc ...` of reports/RESULTS.md with --dry, each `make ...` with -n, each
+    `dntsync ...` for real (the report's own and the diagnoses are quick)."""
+    report = (project / "reports/RESULTS.md").read_text()
+    commands = sorted({c for c in re.findall(r"`([^`]+)`", report)
+                       if c.split()[0] in ("dvc", "dntsync", "make")})
+    assert any(c.startswith("dvc repro sweep@") for c in commands) and "make ablation" in commands
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    for command in commands:
+        words = command.split()
+        if words[0] == "dvc":
+            words = [str(BIN / "dvc"), words[1], "--dry", *words[2:]]
+        elif words[0] == "make":
+            words = ["make", "-n", *words[1:]]
+        elif words[1] == "report":
+            continue  # writes reports/RESULTS.md, a DVC output: `dvc repro --dry report` instead
+        out = subprocess.run(words, cwd=project, env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, (command, out.stdout[-2000:] + out.stderr[-2000:])
+
+
+def test_mlflow_runs_tell_themselves_apart_and_carry_their_models(project):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    marl = mlflow.search_runs(experiment_names=["dntsync-marl"], output_format="list")
+    names = sorted(r.info.run_name for r in marl)
+    assert len(set(names)) == len(names) == 20
+    assert {"fig3 vdn s0", "fig3 iql s1", "fig4 eps=0.25 vdn s1", "fig5 n_users=4 iql s0"} <= set(names)
+    for run in marl:
+        tags = run.data.tags
+        assert tags["profile"] == "tiny" and tags["git_commit"] == commit  # the project's commit
+        assert {"stage", "sweep", "algo", "seed"} <= set(tags)
+        assert "eval_team_reward" in run.data.metrics and "ratio_to_oracle" in run.data.metrics
+        assert not any(k.startswith("baseline_") for k in run.data.metrics)
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"baselines.json", f"convergence_{tags['algo']}_seed{tags['seed']}.png"} <= artifacts
+    fig4 = next(r for r in marl if r.info.run_name == "fig4 eps=0.25 vdn s1")
+    assert (fig4.data.tags["sweep"], fig4.data.tags["point"]) == ("fig4", "eps=0.25")
+    # the policies and the twin are MLflow PyTorch models; the Fig. 3 ones are registered
+    policy = mlflow.pytorch.load_model(f"runs:/{fig4.info.run_id}/policy")
+    obs_dim = policy.nets.agents[0].encoder.in_features
+    assert policy(torch.zeros(2, 3, 3, obs_dim)).shape == (2, 3, 3)
+    registered = {m.name for m in client.search_registered_models()}
+    assert registered == {"dntsync-vdn", "dntsync-iql", "dntsync-twin"}
+    [twin] = [r for r in mlflow.search_runs(experiment_names=["dntsync-twin"], output_format="list")
+              if r.info.run_name == "twin"]
+    assert twin.inputs.dataset_inputs[0].dataset.source  # the data set is the run's input
+    [parent] = mlflow.search_runs(experiment_names=["dntsync-pipeline"], output_format="list")
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    figures = {a.path for a in client.list_artifacts(parent.info.run_id, "figures")}
+    assert "RESULTS.md" in artifacts and {f"figures/{f}" for f in FIGURES} <= figures
+
+
 def test_second_repro_does_nothing_and_an_edit_reruns_only_its_dependents(project):
     assert changed_stages(project) == set()
     params = project / "conf/params.yaml"
@@ -152,17 +209,34 @@ def test_dvc_dag_draws_every_stage(project):
         assert {("train_twin", stage), (stage, "figures"), (stage, "report")} <= edges
 
 
-def test_dvc_metrics_show_lists_every_metrics_file(project):
+def test_dvc_metrics_show_is_a_table_of_headline_numbers(project):
     table = dvc(project, "metrics", "show")
-    for path in ("metrics/twin.json", "metrics/sweep_fig4.json", "metrics/sweep_fig5.json"):
+    header, *rows = table.strip().splitlines()
+    # a handful of columns, one row per learner run, sweep point x learner, twin, Fig. 6 run
+    assert header.split()[1:] == sorted(["bayes_floor", "dnt_error", "ratio_to_oracle", "sum_rate",
+                                         "team_reward", "twin_mse", "twin_ratio"])
+    assert len(rows) == 1 + 4 + 2 * 4 + 2 and max(len(r) for r in rows) <= 160
+    for path in ("metrics/summary/twin.json", "metrics/summary/marl_vdn_seed1.json",
+                 "metrics/summary/fig4/eps=0.8_iql.json", "metrics/summary/fig6/vdn.json"):
         assert path in table, path
-    assert "one_step.overall.twin_ratio" in table
-    # the numbers are the files' (DVC leaves out the lists, e.g. per-user errors)
+    # the numbers are the runs': the long reports they come from are plain outputs
     shown = json.loads(dvc(project, "metrics", "show", "--json"))[""]["data"]
-    twin = json.loads((project / "metrics/twin.json").read_text())
-    shown_twin = shown["metrics/twin.json"]["data"]
-    assert shown_twin["one_step"]["overall"] == twin["one_step"]["overall"]
-    assert shown_twin["training"] == twin["training"]
+    run = json.loads((project / "metrics/marl/marl_vdn_seed1.json").read_text())
+    assert shown["metrics/summary/marl_vdn_seed1.json"]["data"]["team_reward"] == pytest.approx(
+        run["eval_team_reward"], abs=1e-4)
+    assert not any(path.startswith("metrics/marl/") for path in shown)
+
+
+def test_every_dvc_plot_names_its_x_and_y(project):
+    spec = yaml.safe_load((project / "dvc.yaml").read_text())
+    learner_plots = spec["stages"]["train_marl"]["plots"]
+    assert [(p[k]["x"], p[k]["y"]) for p in learner_plots for k in p] == [("epoch", "eval_team_reward")]
+    assert all({"x", "y"} <= set(entry[name]) for entry in spec["plots"] for name in entry)
+    shown = json.loads(dvc(project, "plots", "show", "--json"))["data"]
+    fig2 = next(v for k, v in shown.items() if k.startswith("Fig. 2"))[0]["content"]
+    assert {r["field"] for r in fig2["data"]["values"]} == {"x_true", "x_pred"}
+    curve = shown["metrics/marl/curves/marl_vdn_seed0.csv"][0]["content"]
+    assert '"field": "epoch"' in json.dumps(curve["encoding"]) or '"epoch"' in json.dumps(curve)
 
 
 def test_dvc_plots_show_writes_the_html_page(project):
@@ -171,10 +245,11 @@ def test_dvc_plots_show_writes_the_html_page(project):
         out = dvc(project, "plots", "show")
         assert str(page) in out
         html = page.read_text()
-        # every plots source of dvc.yaml: Fig. 2's points and the figures' data
-        for source in ("fig2_twin_trajectories.csv", "figures/data/fig4_eps.csv",
-                       "figures/data/fig5_users.csv", "figures/data/fig6_episode.csv"):
-            assert source in html, source
+        # every plot of dvc.yaml, drawn with its data: Fig. 2's points, the figures' data
+        # (DVC names a plot by its id) and the learners' curves
+        for field in ("x_pred", "sum_rate_mean", "dnt_error_mean", "eval_team_reward"):
+            assert field in html, field
+        assert "marl_vdn_seed0_csv" in html and html.count("vegaEmbed(") == 6 + 4
     finally:
         shutil.rmtree(project / "dvc_plots", ignore_errors=True)
 
@@ -202,17 +277,23 @@ def test_mlflow_ui_serves_the_runs(project, tmp_path):
         assert {"dvc_stage", "git_commit", "mlflow.parentRunId"} <= set(tags)
 
 
-def test_dvc_exp_run_reruns_the_dependents_of_a_changed_parameter(project, tmp_path):
+def test_dvc_exp_run_reruns_the_dependents_of_a_changed_parameter(project, tmp_path, monkeypatch):
     """`dvc exp run -S conf/params.yaml:scenario.n_rbs=9` in a copy of the project (it leaves
     its results in the workspace): the learners are trained again with N = 9, the paths and
     the twin are not, and the experiment is recorded with its parameter and outputs.
 
     On the tiny profile (6 users) 9 RBs are never short, so the learners' rewards do not
-    change; what is checked is that the stages reading `scenario` ran on the new value.
-    `dvc exp show` has no metric values for the experiment: `metrics/` is git-ignored and
-    its files are `cache: false` outputs, so only their hashes (dvc.lock) are recorded."""
+    change; what is checked is that the stages reading `scenario` ran on the new value. The
+    headline metrics (`metrics/summary/`) and dvc.lock are committed as after `make run`, so
+    `dvc exp show` has metric values for the baseline and for the experiment."""
     copy = tmp_path / "proj"
     shutil.copytree(project, copy, symlinks=True)
+    git = lambda *a: subprocess.run(["git", *a], cwd=copy, check=True, capture_output=True)  # noqa: E731
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "results")
+    tracked = subprocess.run(["git", "ls-files"], cwd=copy, capture_output=True, text=True).stdout
+    assert "dvc.lock" in tracked and "metrics/summary/twin.json" in tracked
+    assert "metrics/marl/" not in tracked  # the long reports stay out of git
 
     def workspace() -> dict:
         [row] = [r for r in json.loads(dvc(copy, "exp", "show", "--json")) if r["rev"] == "workspace"]
@@ -243,3 +324,15 @@ def test_dvc_exp_run_reruns_the_dependents_of_a_changed_parameter(project, tmp_p
     # the learners' networks are recorded outputs (their metrics, `cache: false`, are not);
     # with 6 users 9 RBs are never short, so they may well be bit for bit the same
     assert all(f"models/marl/{a}_seed{s}.ckpt" in hashes for a in ("vdn", "iql") for s in (0, 1))
+    # the README's narrow table: the kept columns only, both rows with their numbers
+    monkeypatch.setenv("COLUMNS", "200")  # a wide terminal: rich cuts column names otherwise
+    table = dvc(copy, "exp", "show", "--no-pager", "--drop", ".*", "--keep",
+                r"Experiment|scenario\.n_rbs|.*_vdn_seed0\.json:team_reward")
+    header = next(line for line in table.splitlines() if "Experiment" in line).split()
+    assert {"Experiment", "metrics/summary/marl_vdn_seed0.json:team_reward", "scenario.n_rbs"} <= set(header)
+    assert len(header) <= 4  # Experiment, (Created,) the metric, the parameter
+    # metric values for both rows (the baseline's from git, the experiment's from its commit)
+    for row in (baseline, experiment):
+        metrics = row["data"]["metrics"]
+        assert metrics["metrics/summary/marl_vdn_seed0.json"]["data"]["team_reward"] is not None
+        assert "team_reward" in metrics["metrics/summary/fig4/eps=0.8_vdn.json"]["data"]

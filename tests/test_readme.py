@@ -87,8 +87,9 @@ REGISTRY: dict[str, tuple[str, ...]] = {
     "dntsync figures": (PIPELINE_E2E,),
     "dntsync report": (PIPELINE_E2E,),
     "dntsync pipeline": (PIPELINE_E2E, f"{PIPELINE}::test_mlflow_holds_the_runs_under_one_parent"),
-    "dvc metrics show": (f"{PIPELINE}::test_dvc_metrics_show_lists_every_metrics_file",),
-    "dvc plots show": (f"{PIPELINE}::test_dvc_plots_show_writes_the_html_page",),
+    "dvc metrics show": (f"{PIPELINE}::test_dvc_metrics_show_is_a_table_of_headline_numbers",),
+    "dvc plots show": (f"{PIPELINE}::test_dvc_plots_show_writes_the_html_page",
+                       f"{PIPELINE}::test_every_dvc_plot_names_its_x_and_y"),
     "dntsync pipeline --profile conf/profiles/quick.yaml": (
         f"{ME}::test_quick_profile_lays_the_documented_reduced_copy", PIPELINE_E2E),
     # Results
@@ -104,8 +105,14 @@ REGISTRY: dict[str, tuple[str, ...]] = {
         f"{PIPELINE}::test_dvc_exp_run_reruns_the_dependents_of_a_changed_parameter",),
     "dvc exp run -S conf/params.yaml:scenario.n_rbs=9": (
         f"{PIPELINE}::test_dvc_exp_run_reruns_the_dependents_of_a_changed_parameter",),
+    "dvc exp show": (f"{PIPELINE}::test_dvc_exp_run_reruns_the_dependents_of_a_changed_parameter",),
+    "dvc exp show --drop '.*' --keep 'Experiment|scenario\\.n_rbs|.*_vdn_seed0\\.json:team_reward'": (
+        f"{PIPELINE}::test_dvc_exp_run_reruns_the_dependents_of_a_changed_parameter",),
     # Browse the runs
     "mlflow ui --backend-store-uri sqlite:///mlflow.db": (f"{PIPELINE}::test_mlflow_ui_serves_the_runs",),
+    # the same on a profile's store (the test's project is the tiny profile's copy)
+    "mlflow ui --backend-store-uri sqlite:///.profiles/quick/mlflow.db": (
+        f"{PIPELINE}::test_mlflow_ui_serves_the_runs",),
     # Tune
     "dntsync tune --objective marl --n-trials 40": (
         f"{ME}::test_tune_objective_marl_writes_the_tuned_overlay",),
@@ -317,10 +324,13 @@ def test_train_marl_with_an_override(tmp_path):
     assert (tmp_path / "models" / "vdn_seed0.ckpt").stat().st_size > 0
     curve = (tmp_path / "metrics" / "curves" / "marl_vdn_seed0.csv").read_text().splitlines()
     assert len(curve) == 1 + 2  # header + 2 epochs
+    console = out.stdout + out.stderr  # no library notes: only our own lines
+    for note in ("GPU available", "TPU available", "Tip:", "LeafSpec", "dvc push"):
+        assert note not in console, note
     [run] = marl_runs(uri)
-    assert run.info.run_name == "vdn-seed0" and run.info.status == "FINISHED"
+    assert run.info.run_name == "train-marl vdn s0" and run.info.status == "FINISHED"
     assert run.data.params["scenario.eps"] == "0.5"
-    assert run.data.metrics["final_eval_team_reward"] == pytest.approx(report["eval_team_reward"])
+    assert run.data.metrics["eval_team_reward"] == pytest.approx(report["eval_team_reward"])
 
 
 # ---------------------------------------------------------------------- tune
@@ -368,7 +378,7 @@ def test_train_marl_with_the_tuned_overlay(tuned):
     cfg = load_config(params)
     [run] = [r for r in marl_runs(cfg.tracking.mlflow_uri, f"{cfg.tracking.experiment_prefix}-marl")
              if "trial" not in r.data.tags]  # not one of the study's trials
-    assert run.info.run_name == "vdn-seed0"
+    assert run.info.run_name == "train-marl vdn s0"
     for key, value in tuned_values.items():
         assert type(value)(run.data.params[f"marl.{key}"]) == value, key
 
@@ -409,7 +419,8 @@ MAKE_TARGETS = {
     "bench": [".venv/bin/python benchmarks/bench_env.py", ".venv/bin/python benchmarks/bench_twin.py",
               ".venv/bin/python benchmarks/bench_marl.py"],
     "tune": [".venv/bin/dntsync tune"],
-    "paper": [".venv/bin/dntsync pipeline --profile conf/profiles/paper.yaml"],
+    "paper": [".venv/bin/dntsync pipeline --profile conf/profiles/paper.yaml",
+              ".venv/bin/python scripts/keep_results.py .profiles/paper docs/results/paper"],
     "ablation": [".venv/bin/python scripts/ablation.py"],
 }
 
@@ -532,10 +543,10 @@ def test_mlflow_server_on_postgresql_records_a_training_run(tmp_path, pg_url):  
             status, body = http(f"{base}/api/2.0/mlflow/runs/search",
                                 {"experiment_ids": [experiment_id]})
             [run] = json.loads(body)["runs"]
-            assert run["info"]["run_name"] == "vdn-seed0" and run["info"]["status"] == "FINISHED"
+            assert run["info"]["run_name"] == "train-marl vdn s0" and run["info"]["status"] == "FINISHED"
             metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
             report = json.loads((tmp_path / "metrics" / "marl_vdn_seed0.json").read_text())
-            assert metrics["final_eval_team_reward"] == pytest.approx(report["eval_team_reward"])
+            assert metrics["eval_team_reward"] == pytest.approx(report["eval_team_reward"])
             params = {p["key"]: p["value"] for p in run["data"]["params"]}
             assert params["marl.hidden"] == "16"
             status, body = http(f"{base}/api/2.0/mlflow/artifacts/list?run_id={run['info']['run_id']}")
@@ -545,7 +556,7 @@ def test_mlflow_server_on_postgresql_records_a_training_run(tmp_path, pg_url):  
         with engine.connect() as conn:
             names = conn.execute(sqlalchemy.text(
                 f'SELECT name FROM "{schema}".runs WHERE status = \'FINISHED\'')).scalars().all()
-        assert names == ["vdn-seed0"]
+        assert names == ["train-marl vdn s0"]
     finally:
         with engine.begin() as conn:
             conn.execute(sqlalchemy.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))

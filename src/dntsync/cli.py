@@ -11,6 +11,7 @@ import importlib
 import sys
 
 from dntsync.config import ConfigError, load_config
+from dntsync.console import quiet_libraries
 from dntsync.errors import RunError, UserError
 
 # command -> stage module; each module has `run(cfg, args)` and may have `add_arguments(parser)`.
@@ -53,6 +54,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_libraries()
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command if command in COMMANDS else None).parse_args(argv)

@@ -9,6 +9,7 @@ run so one `dvc repro` groups its runs.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import subprocess
 from collections.abc import Iterator
@@ -18,9 +19,16 @@ from typing import Any
 from dntsync.config import Config, to_plain
 
 PARENT_ENV = "DNTSYNC_PARENT_RUN_ID"
+# set by `dntsync pipeline --profile` for the stages it runs in the profile's copy: the
+# profile's name and the project's own commit (the copy is a git repository of its own)
+PROFILE_ENV = "DNTSYNC_PROFILE"
+COMMIT_ENV = "DNTSYNC_PROJECT_COMMIT"
 
 
 def git_commit() -> str:
+    """The project's commit: `COMMIT_ENV` in a profile's copy, else `git rev-parse HEAD`."""
+    if os.environ.get(COMMIT_ENV):
+        return os.environ[COMMIT_ENV]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
         return out.stdout.strip() or "unknown"
@@ -37,6 +45,18 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
         return out
     out[prefix[:-1]] = str(tree) if isinstance(tree, (list, tuple)) else tree
     return out
+
+
+@contextlib.contextmanager
+def quiet_logger(name: str, level: int = logging.ERROR) -> Iterator[None]:
+    """Raise a library logger's level for the block (a note it repeats on every run)."""
+    logger = logging.getLogger(name)
+    old = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(old)
 
 
 def experiment_name(cfg: Config, stage: str) -> str:
@@ -66,10 +86,25 @@ def prepare_store(cfg: Config, stages: tuple[str, ...] = STAGES) -> None:
     `store_lock`: every command that tracks calls it before its run starts."""
     import mlflow
 
-    with store_lock(cfg.tracking.mlflow_uri):
-        mlflow.set_tracking_uri(cfg.tracking.mlflow_uri)
+    uri = cfg.tracking.mlflow_uri
+    with store_lock(uri):
+        mlflow.set_tracking_uri(uri)
         for stage in stages:
-            mlflow.set_experiment(experiment_name(cfg, stage))
+            name = experiment_name(cfg, stage)
+            location = artifact_location(uri, name)
+            if location and mlflow.get_experiment_by_name(name) is None:  # under the lock
+                mlflow.create_experiment(name, artifact_location=location)
+            mlflow.set_experiment(name)
+
+
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Where a new experiment's artifacts go: for a local SQLite store `mlartifacts/<name>`
+    beside the database file (MLflow's default, `./mlruns`, is relative to wherever the
+    command runs); for a server, the server's choice (None)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri.removeprefix("sqlite:///")).resolve()
+    return (db.parent / "mlartifacts" / experiment).as_uri()
 
 
 @contextlib.contextmanager
@@ -85,8 +120,9 @@ def mlflow_run(cfg: Config, stage: str, run_name: str | None = None,
 
     prepare_store(cfg, (stage,))
     mlflow.set_experiment(experiment_name(cfg, stage))
-    all_tags = {"dvc_stage": os.environ.get("DVC_STAGE", stage), "git_commit": git_commit(),
-                "stage": stage}
+    dvc_stage = os.environ.get("DVC_STAGE", stage)  # DVC sets it for a stage's command
+    all_tags = {"dvc_stage": dvc_stage, "git_commit": git_commit(), "stage": dvc_stage,
+                "profile": os.environ.get(PROFILE_ENV, "default")}
     parent = os.environ.get(PARENT_ENV)
     if parent:
         all_tags["mlflow.parentRunId"] = parent

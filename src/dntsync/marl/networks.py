@@ -27,6 +27,7 @@ once per batch), then answers the same three questions: `q(outputs, actions)`,
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -352,6 +353,26 @@ def torch_scan(gi: Tensor, s0: Tensor, w_hh: Tensor, b_hh: Tensor) -> Tensor:
 
 KERNELS = ("c", "torch")  # marl.kernels: the C kernels of dntsync.marl.kernels, or torch ops
 SCANS = {"c": gru_scan, "torch": torch_scan}
+
+
+class GreedyActions(nn.Module):
+    """The BSs' greedy actions from their observations: what a trained learner does, as one
+    module (the MLflow model of a run). `obs[B, T, M, D]` (an episode's slots from the start,
+    float32) -> `actions[B, T, M]` (int64, `dntsync.env.actions` codes, masked to the users
+    each BS covers). Torch ops only, so it runs wherever torch does."""
+
+    def __init__(self, nets: AgentQNets) -> None:
+        super().__init__()
+        self.nets = copy.deepcopy(nets).requires_grad_(False)
+        for module in self.nets.modules():
+            if hasattr(module, "kernels"):
+                module.kernels = "torch"
+
+    @torch.no_grad()
+    def forward(self, obs: Tensor) -> Tensor:
+        outputs = self.nets.head_outputs(self.nets.unroll(obs), obs)
+        covered = self.nets.users(obs)[..., COVERED_FEATURE] > 0.5
+        return self.nets.masked_max(outputs, covered)[1]
 
 
 class AgentQNets(nn.Module):

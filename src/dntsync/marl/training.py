@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -38,6 +39,7 @@ from dntsync.errors import RunError, UserError
 from dntsync.files import copy_file, save_torch, write_csv, write_json, write_text
 from dntsync.marl.learners import LEARNERS, QLearner
 from dntsync.marl.replay import EpisodeDataModule
+from dntsync.tracking import quiet_logger
 
 MLFLOW_SECTIONS = ("seed", "scenario", "env", "marl")
 CURVE_COLUMNS = ("epoch", "train_reward", *(f"train_{k}" for k in METRICS[1:]), "train_loss",
@@ -262,14 +264,16 @@ def evaluate_baselines(cfg: Config, evaluation: Evaluation) -> dict:
 def fit_marl(cfg: Config, *, algo: str | None = None, seed: int | None = None,
              callbacks: list | None = None, enable_progress_bar: bool = True,
              log_mlflow: bool = True, write_outputs: bool = True,
-             predictor: tuple[Predictor, str] | None = None) -> dict:
+             predictor: tuple[Predictor, str] | None = None,
+             where: dict[str, str] | None = None) -> dict:
     """Train `algo` (default `marl.algo`) with `seed` (default `Config.seed`); return its report.
 
     The report holds "eval_team_reward" (the final greedy evaluation's mean team reward per
     step), every final evaluation metric under "eval", the run's settings and, with
     `write_outputs`, the baselines on the same episodes and the learner's ratio to the
     oracle and to the best heuristic. `predictor` is `(predictor, description)`; default
-    `build_predictor(cfg)` (the GRU twin, or the configured fallback, described).
+    `build_predictor(cfg)` (the GRU twin, or the configured fallback, described). `where`
+    ({"sweep": "fig4", "point": "eps=0.5"}) names and tags the MLflow run (`run_label`).
     """
     algo = algo or cfg.marl.algo
     seed = cfg.seed if seed is None else seed
@@ -344,10 +348,11 @@ def fit_marl(cfg: Config, *, algo: str | None = None, seed: int | None = None,
 
     from dntsync.tracking import experiment_name, mlflow_run
 
-    tags = {"algo": algo, "marl_seed": str(seed), "resumed_from": str(ckpt_path or "none")}
+    where = where or default_where()
+    tags = {**where, "algo": algo, "seed": str(seed), "resumed_from": str(ckpt_path or "none")}
     if previous_run and not ckpt_path:  # its state was not resumable: that run ended here
         end_if_running(previous_run, cfg.tracking.mlflow_uri)
-    with mlflow_run(cfg, "marl", run_name=f"{algo}-seed{seed}", sections=MLFLOW_SECTIONS,
+    with mlflow_run(cfg, "marl", run_name=run_label(where, algo, seed), sections=MLFLOW_SECTIONS,
                     tags=tags, run_id=previous_run if ckpt_path else None) as run:
         if write_outputs:  # a resume continues this run
             write_json(paths.checkpoints / "mlflow_run.json", {"run_id": run.info.run_id})
@@ -356,7 +361,9 @@ def fit_marl(cfg: Config, *, algo: str | None = None, seed: int | None = None,
                               tracking_uri=cfg.tracking.mlflow_uri, run_id=run.info.run_id)
         train(logger)
         report = finish()
-        mlflow.log_metrics(flat_metrics(report), step=cfg.marl.epochs)
+        mlflow.log_metrics(headline_metrics(report), step=cfg.marl.epochs)
+        if report.get("baselines"):
+            mlflow.log_table(baselines_table(report), artifact_file="baselines.json")
         with tempfile.TemporaryDirectory() as tmp:
             out = paths if write_outputs else RunPaths.of(
                 dataclasses.replace(cfg, marl=dataclasses.replace(
@@ -364,7 +371,42 @@ def fit_marl(cfg: Config, *, algo: str | None = None, seed: int | None = None,
             write_run_outputs(report, learner, recorder.rows, out)
             for path in (out.model, out.metrics, out.curve):
                 mlflow.log_artifact(str(path))
+            from dntsync.plots import convergence_figure
+
+            mlflow.log_artifact(str(convergence_figure(
+                {algo: [out.curve]}, out.metrics, Path(tmp) / f"convergence_{algo}_seed{seed}.png")))
+        registered = f"{cfg.tracking.experiment_prefix}-{algo}" if where["sweep"] == "fig3" else None
+        log_policy_model(learner, data.env.obs_dim, cfg.scenario.n_bs, registered)
     return report
+
+
+def log_policy_model(learner: QLearner, obs_dim: int, n_bs: int, registered: str | None) -> None:
+    """The greedy policy as an MLflow PyTorch model of the active run (`GreedyActions`:
+    observations [B, T, M, D] -> actions [B, T, M]), registered as `registered` if given.
+    `mlflow.pytorch.load_model(f"runs:/<run id>/policy")` loads it where dntsync is installed."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    from dntsync.marl.networks import GreedyActions
+
+    module = GreedyActions(learner.online)
+    example = torch.zeros(1, 1, n_bs, obs_dim)
+    signature = infer_signature(example.numpy(), module(example).numpy())
+    with quiet_logger("mlflow.pytorch"):  # its note that pickled models run code on load
+        mlflow.pytorch.log_model(module, name="policy", signature=signature,
+                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                                 registered_model_name=registered, serialization_format="pickle")
+
+
+def default_where() -> dict[str, str]:
+    """A run outside a sweep: the Fig. 3 setting under the pipeline's `train_marl` stage."""
+    stage = os.environ.get("DVC_STAGE", "")
+    return {"sweep": "fig3"} if stage.startswith("train_marl") else {"sweep": "train-marl"}
+
+
+def run_label(where: dict[str, str], algo: str, seed: int) -> str:
+    """The MLflow run name: sweep, point, algorithm, seed (e.g. `fig4 eps=0.5 vdn s1`)."""
+    return " ".join([*(where[k] for k in ("sweep", "point") if where.get(k)), algo, f"s{seed}"])
 
 
 def end_if_running(run_id: str, uri: str) -> None:
@@ -379,16 +421,26 @@ def end_if_running(run_id: str, uri: str) -> None:
         pass  # not in this store (any more)
 
 
-def flat_metrics(report: dict) -> dict[str, float]:
-    """Final scalars for MLflow: `final_eval_<metric>`, baselines, ratios."""
-    out = {f"final_eval_{k}": v["mean"] for k, v in report["eval"].items()}
-    out.update({f"final_eval_{k}_std": v["std"] for k, v in report["eval"].items()})
-    for name, res in report.get("baselines", {}).items():
-        out[f"baseline_{name}_team_reward"] = res["team_reward"]["mean"]
+def headline_metrics(report: dict) -> dict[str, float]:
+    """The final numbers as MLflow metrics, the runs table's columns: the final greedy
+    evaluation under the curve's names (`eval_<metric>`, logged at the last epoch, so a
+    column's latest value is the final one) and the ratios to the oracle and the best heuristic."""
+    out = {f"eval_{k}": v["mean"] for k, v in report["eval"].items()}
     for key in ("ratio_to_oracle", "ratio_to_best_heuristic"):
         if key in report and np.isfinite(report[key]):
             out[key] = report[key]
     return out
+
+
+def baselines_table(report: dict) -> dict[str, list]:
+    """The heuristics and the oracle on the run's evaluation episodes, one row per policy
+    (an MLflow table artifact: one table, not one single-point chart per number)."""
+    rows = {"policy": [], **{k: [] for k in METRICS}}
+    for name, res in {report["algo"]: report["eval"], **report["baselines"]}.items():
+        rows["policy"].append(name)
+        for k in METRICS:
+            rows[k].append(res[k]["mean"])
+    return rows
 
 
 def write_run_outputs(report: dict, learner: QLearner, rows: list[dict], paths: RunPaths) -> None:

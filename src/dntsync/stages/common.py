@@ -6,6 +6,7 @@ from pathlib import Path
 
 from dntsync.config import Config
 from dntsync.env.predictors import Predictor, physics_predictor
+from dntsync.errors import UserError
 
 
 def build_predictor(cfg: Config) -> tuple[Predictor, str]:
@@ -26,7 +27,7 @@ def build_predictor(cfg: Config) -> tuple[Predictor, str]:
         return GruPredictor.load(path, scenario=cfg.scenario, window=window), f"gru:{path}"
     fallback = cfg.env.predictor_fallback
     if fallback == "none":
-        raise FileNotFoundError(
+        raise UserError(
             f"env.twin_checkpoint = {str(path)!r} does not exist; run `dntsync train-twin` first "
             f"or set env.predictor to 'drift' or 'hold-last'"
         )

@@ -20,6 +20,7 @@ from dntsync.env.policies import baseline_policies
 from dntsync.errors import UserError
 from dntsync.files import write_json
 from dntsync.stages.common import build_predictor
+from dntsync.stages.headline import write_episode
 from dntsync.stages.sweep import point_config, sweep_points
 
 OUT = Path("metrics/fig6_episode.json")
@@ -64,6 +65,7 @@ def trace(cfg: Config) -> dict:
 def run(cfg: Config, args) -> int:
     data = trace(cfg)
     write_json(OUT, data)
+    write_episode(data)
     errors = ", ".join(f"{a} mean DNT error {s['dnt_error']:.3f}" for a, s in data["summary"].items())
     print(f"wrote {OUT}: {errors}")
     return 0

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from dntsync.config import Config
+from dntsync.errors import UserError
 from dntsync.files import write_csv
 from dntsync.plots import convergence_figure, episode_figure, sweep_figure
 
@@ -60,7 +61,7 @@ def run(cfg: Config, args) -> int:
     missing = [str(p) for p in inputs if not p.exists()]
     missing += [f"curves of {a}" for a, paths in curves.items() if not paths]
     if missing:
-        raise FileNotFoundError(f"cannot draw the figures, missing: {missing}; run `dvc repro`")
+        raise UserError(f"cannot draw the figures, missing: {missing}; run `dvc repro`")
 
     made = [convergence_figure(curves, summary, FIGURES / "fig3_convergence.png")]
     for name, label, xlabel in (("fig4", "eps", "reward weight eps"),

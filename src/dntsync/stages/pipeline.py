@@ -20,7 +20,7 @@ import yaml
 
 from dntsync.config import Config, from_dict, load_config, merge, read_yaml_file
 from dntsync.files import write_text
-from dntsync.tracking import PARENT_ENV, mlflow_run, prepare_store
+from dntsync.tracking import COMMIT_ENV, PARENT_ENV, PROFILE_ENV, git_commit, mlflow_run, prepare_store
 
 PROJECT_FILES_CMD = ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"]
 
@@ -67,23 +67,47 @@ def matrix_stages(cfg: Config) -> list[str]:
     return [f"train_marl@{a}-{s}" for a in cfg.sweeps.algos for s in cfg.marl.seeds]
 
 
-def run_parallel(commands: list[list[str]], workers: int, **popen) -> int:
-    """Run the commands, `workers` at a time; the first non-zero exit code (or 0)."""
+LOGS = Path("logs/pipeline")  # one file per parallel stage: its output, not the console's
+DVC_HINT = "Use `dvc push` to send your updates to remote storage."  # no remote here
+
+
+def run_parallel(commands: dict[str, list[str]], workers: int, logs: Path, **popen) -> int:
+    """Run the named commands, `workers` at a time, each one's output to `logs/<name>.log`
+    under one progress bar; the first non-zero exit code (or 0), a failure's log tail said."""
     from tqdm import tqdm
 
-    waiting, running, failed = list(commands), [], 0
-    with tqdm(total=len(commands), desc=f"train_marl ({workers} at a time)") as bar:
+    logs.mkdir(parents=True, exist_ok=True)
+    waiting, running, failed = list(commands.items()), [], 0
+    with tqdm(total=len(commands), desc=f"train_marl ({workers} at a time, logs in {logs})") as bar:
         while waiting or running:
             while waiting and len(running) < workers and not failed:
-                running.append(subprocess.Popen(waiting.pop(0), **popen))
+                name, command = waiting.pop(0)
+                log = (logs / f"{name}.log").open("w")
+                running.append((name, log, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                                            **popen)))
             if not running:
                 break
             time.sleep(0.5)
-            for proc in [p for p in running if p.poll() is not None]:
-                running.remove(proc)
+            for item in [r for r in running if r[2].poll() is not None]:
+                running.remove(item)
+                name, log, proc = item
+                log.close()
+                if proc.returncode and not failed:
+                    tail = (logs / f"{name}.log").read_text().splitlines()[-15:]
+                    bar.write(f"{name} failed (exit {proc.returncode}); the end of {logs / name}.log:\n"
+                              + "\n".join(tail))
                 failed = failed or proc.returncode
                 bar.update()
     return failed
+
+
+def run_dvc(command: list[str], **popen) -> int:
+    """A `dvc` command with its output passed through, less DVC's hint to push to a remote."""
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, bufsize=1, **popen) as proc:
+        for line in proc.stdout:
+            if line.strip() != DVC_HINT:
+                print(line, end="", flush=True)
+    return proc.returncode
 
 
 def repro(cfg: Config, workdir: Path, force: bool = False) -> int:
@@ -107,19 +131,25 @@ def repro(cfg: Config, workdir: Path, force: bool = False) -> int:
         path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
         env = dict(os.environ, PATH=path, **{PARENT_ENV: run.info.run_id})
         if force:
-            returncode = subprocess.run([dvc, "repro", "--force"], cwd=workdir, env=env).returncode
+            returncode = run_dvc([dvc, "repro", "--force"], cwd=workdir, env=env)
         else:
-            returncode = subprocess.run([dvc, "repro", "train_twin"], cwd=workdir, env=env).returncode
+            returncode = run_dvc([dvc, "repro", "train_twin"], cwd=workdir, env=env)
             if returncode == 0:
                 returncode = run_parallel(
-                    [[dvc, "--wait-for-lock", "repro", "--single-item", stage]
-                     for stage in matrix_stages(cfg)], cfg.sweeps.workers, cwd=workdir, env=env)
+                    {stage: [dvc, "--wait-for-lock", "repro", "--single-item", stage]
+                     for stage in matrix_stages(cfg)}, cfg.sweeps.workers, workdir / LOGS,
+                    cwd=workdir, env=env)
             if returncode == 0:
-                returncode = subprocess.run([dvc, "repro"], cwd=workdir, env=env).returncode
+                returncode = run_dvc([dvc, "repro"], cwd=workdir, env=env)
         import mlflow
 
         mlflow.log_metric("wall_time_s", time.perf_counter() - start)
         mlflow.set_tag("dvc_repro_returncode", str(returncode))
+        report = workdir / "reports" / "RESULTS.md"
+        if report.exists():
+            mlflow.log_artifact(str(report))
+        for png in sorted((workdir / "figures").glob("*.png")):
+            mlflow.log_artifact(str(png), artifact_path="figures")
     return returncode
 
 
@@ -133,10 +163,13 @@ def run(cfg: Config, args) -> int:
         return 2
     dest = Path(args.dest or f".profiles/{profile.stem}").resolve()
     materialise(root, profile, dest)
-    cwd = Path.cwd()
+    cwd, saved = Path.cwd(), {k: os.environ.get(k) for k in (PROFILE_ENV, COMMIT_ENV)}
+    os.environ.update({PROFILE_ENV: profile.stem, COMMIT_ENV: git_commit()})  # the project's
     os.chdir(dest)
     try:
         sub_cfg = load_config("conf/params.yaml")
         return repro(sub_cfg, dest, args.force)
     finally:
         os.chdir(cwd)
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)

@@ -22,10 +22,13 @@ from dntsync.files import save_npz, write_json
 def _worker_init() -> None:
     import torch
 
+    from dntsync.console import quiet_libraries
+
     torch.set_num_threads(1)
+    quiet_libraries()
 
 
-def train_point_twin(cfg: Config) -> dict:
+def train_point_twin(cfg: Config, where: dict | None = None) -> dict:
     """The point's data set and GRU twin (skipped when its checkpoint is already there)."""
 
     from dntsync.stages.generate import make_dataset
@@ -33,12 +36,14 @@ def train_point_twin(cfg: Config) -> dict:
 
     if not (Path(cfg.twin.checkpoint).exists() and Path(cfg.twin.metrics).exists()):
         save_npz(cfg.data.path, **make_dataset(cfg))
-        fit_twin(cfg, enable_progress_bar=False)
+        fit_twin(cfg, enable_progress_bar=False,
+                 name=" ".join([*(where or {}).values(), "twin"]))
     return json.loads(Path(cfg.twin.metrics).read_text())
 
 
-def train_point_learner(cfg: Config, algo: str, seed: int) -> dict:
-    """One learner at one point with one seed; a finished run's report is reused."""
+def train_point_learner(cfg: Config, algo: str, seed: int, where: dict | None = None) -> dict:
+    """One learner at one point with one seed; a finished run's report is reused. `where`
+    names the sweep and point in MLflow (`dntsync.marl.training.run_label`)."""
     from dntsync.marl.training import RunPaths, drop_resumable_state, fit_marl
 
     metrics = RunPaths.of(cfg, algo, seed).metrics
@@ -46,20 +51,20 @@ def train_point_learner(cfg: Config, algo: str, seed: int) -> dict:
         report = json.loads(metrics.read_text())
         if report.get("config") == to_plain(cfg):
             return report
-    report = fit_marl(cfg, algo=algo, seed=seed, enable_progress_bar=False)
+    report = fit_marl(cfg, algo=algo, seed=seed, enable_progress_bar=False, where=where)
     report["config"] = to_plain(cfg)
     write_json(metrics, report)
     drop_resumable_state(cfg, algo, seed)  # finished: the metrics file says so
     return report
 
 
-def _job(kind: str, cfg_plain: dict, algo: str = "", seed: int = 0) -> dict:
+def _job(kind: str, cfg_plain: dict, algo: str = "", seed: int = 0, where: dict | None = None) -> dict:
     from dntsync.config import from_dict
 
     cfg = from_dict(cfg_plain)
     if kind == "twin":
-        return train_point_twin(cfg)
-    return train_point_learner(cfg, algo, seed)
+        return train_point_twin(cfg, where)
+    return train_point_learner(cfg, algo, seed, where)
 
 
 def _dispatch_order(pending: set[int], done: set[int], needs, cost) -> list[int]:

@@ -12,6 +12,7 @@ take the larger scenarios first; see `run_jobs`). The aggregate, mean and spread
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ import numpy as np
 from dntsync.config import Config, SweepConfig, apply_overrides, to_plain
 from dntsync.files import write_json
 from dntsync.network.scenario import MOBILITY_KEYS
+from dntsync.stages.headline import SUMMARY, write_sweep
 from dntsync.stages.runs import run_jobs
 from dntsync.tracking import prepare_store
 
@@ -114,8 +116,9 @@ def run(cfg: Config, args) -> int:
     # scenarios first (a run's cost grows with the users each BS covers)
     twins = {v: i for i, v in enumerate(v for v, c in configs.items() if needs_own_twin(cfg, c))}
     keys = [(p.value, a, s) for p in points for a in cfg.sweeps.algos for s in cfg.marl.seeds]
-    jobs = [("twin", to_plain(configs[v])) for v in twins]
-    jobs += [("marl", to_plain(configs[v]), a, s) for v, a, s in keys]
+    labels = {p.value: {"sweep": sweep, "point": p.label} for p in points}
+    jobs = [("twin", to_plain(configs[v]), "", 0, labels[v]) for v in twins]
+    jobs += [("marl", to_plain(configs[v]), a, s, labels[v]) for v, a, s in keys]
     needs = [[] for _ in twins] + [[twins[v]] if v in twins else [] for v, _, _ in keys]
     cost = [float("inf")] * len(twins) + [float(configs[v].scenario.n_users) for v, _, _ in keys]
     reports = run_jobs(jobs, cfg.sweeps.workers, f"{sweep}: twins and learners", needs=needs,
@@ -127,5 +130,7 @@ def run(cfg: Config, args) -> int:
     summary["wall_time_s"] = time.perf_counter() - started
     out = Path("metrics") / f"sweep_{sweep}.json"
     write_json(out, summary)
+    shutil.rmtree(SUMMARY / sweep, ignore_errors=True)  # a point no longer in the grid goes
+    write_sweep(summary)
     print(f"wrote {out} ({len(keys)} learner runs, {summary['wall_time_s']:.0f} s)")
     return 0

@@ -17,6 +17,7 @@ run's resumable state is deleted.
 from __future__ import annotations
 
 from dntsync.config import Config
+from dntsync.stages.headline import write_learner
 
 
 def add_arguments(parser) -> None:
@@ -48,6 +49,7 @@ def run(cfg: Config, args) -> int:
     if args.seed is not None:
         report = fit_marl(cfg, algo=algo, seed=args.seed, enable_progress_bar=progress)
         drop_resumable_state(cfg, algo, args.seed)
+        write_learner(report)
         print(f"seed {args.seed}: " + _line(report) + f" [{report['wall_time_s']:.0f} s]")
         return 0
     summary = fit_marl_seeds(cfg, algo=algo, enable_progress_bar=progress)

@@ -131,7 +131,7 @@ def _mlflow_summary(report: dict) -> dict[str, float]:
 
 
 def fit_twin(cfg: Config, *, callbacks: list | None = None, enable_progress_bar: bool = True,
-             log_mlflow: bool = True, write_outputs: bool = True) -> dict:
+             log_mlflow: bool = True, write_outputs: bool = True, name: str = "twin") -> dict:
     """Train the twin on `cfg.data.path`, early-stopped on `val_loss`; return the summary.
 
     The returned dict has `val_loss` (best validation eq. (14) loss), `best_epoch`, `epochs`,
@@ -148,11 +148,15 @@ def fit_twin(cfg: Config, *, callbacks: list | None = None, enable_progress_bar:
         return _fit_and_report(cfg, data, callbacks, None, enable_progress_bar, write_outputs)
 
     import mlflow
+    import mlflow.data
     from lightning.pytorch.loggers import MLFlowLogger
 
     from dntsync.tracking import experiment_name, mlflow_run
 
-    with mlflow_run(cfg, "twin", sections=MLFLOW_SECTIONS) as run:
+    with mlflow_run(cfg, "twin", run_name=name, sections=MLFLOW_SECTIONS) as run:
+        mlflow.log_input(mlflow.data.from_numpy(data.positions["train"], source=data.path,
+                                                name=f"trajectories-{data.config_hash}"),
+                         context="training")
         logger = MLFlowLogger(experiment_name=experiment_name(cfg, "twin"),
                               tracking_uri=cfg.tracking.mlflow_uri, run_id=run.info.run_id)
         result = _fit_and_report(cfg, data, callbacks, logger, enable_progress_bar, write_outputs)
@@ -165,8 +169,27 @@ def fit_twin(cfg: Config, *, callbacks: list | None = None, enable_progress_bar:
             mlflow.log_artifact(str(metrics), artifact_path="metrics")
             mlflow.log_artifact(str(png), artifact_path="figures")
             mlflow.log_artifact(str(table), artifact_path="figures")
+            log_twin_model(result["module"].net, cfg, registered=(
+                f"{cfg.tracking.experiment_prefix}-twin" if name == "twin" else None))
         result["run_id"] = run.info.run_id
     return result
+
+
+def log_twin_model(net, cfg: Config, registered: str | None) -> None:
+    """The twin as an MLflow PyTorch model of the active run (K statuses of the U users,
+    `[B, K, U, 2]` metres -> the next positions `[B, U, 2]`), registered if named."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    from dntsync.tracking import quiet_logger
+
+    example = torch.zeros(1, cfg.twin.window, cfg.scenario.n_users, 2)
+    with torch.no_grad():
+        signature = infer_signature(example.numpy(), net(example).numpy())
+    with quiet_logger("mlflow.pytorch"):  # its note that pickled models run code on load
+        mlflow.pytorch.log_model(net, name="twin", signature=signature,
+                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                                 registered_model_name=registered, serialization_format="pickle")
 
 
 def _fit_and_report(cfg: Config, data: TrajectoryData, callbacks: list, logger, progress: bool,

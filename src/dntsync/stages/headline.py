@@ -1,0 +1,57 @@
+"""The headline numbers each stage leaves for `dvc metrics show` / `dvc exp show`.
+
+One small JSON file per learner run, sweep point x learner, twin and Fig. 6 learner, under
+`metrics/summary/`, with the same few keys (team reward, sum rate, DNT error, ratio to the
+oracle; the twin's error against the Bayes floor), so DVC's tables have a handful of columns
+and a row per file. The long reports (`metrics/*.json`, `metrics/marl/*.json`) stay as the
+stages' plain outputs, which DVC does not read as metrics. `metrics/summary/` is tracked in
+git (with `dvc.lock`), as DVC expects, so `dvc exp show` has the baseline's values too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dntsync.files import write_json
+
+SUMMARY = Path("metrics/summary")
+LEARNER_KEYS = ("team_reward", "sum_rate", "dnt_error")
+
+
+def learner(report: dict) -> dict:
+    """A learner's final evaluation (one seed's `fit_marl` report)."""
+    out = {k: round(report["eval"][k]["mean"], 4) for k in LEARNER_KEYS}
+    if "ratio_to_oracle" in report:
+        out["ratio_to_oracle"] = round(report["ratio_to_oracle"], 4)
+    return out
+
+
+def write_learner(report: dict) -> Path:
+    return write_json(SUMMARY / f"marl_{report['algo']}_seed{report['seed']}.json", learner(report))
+
+
+def write_twin(report: dict) -> Path:
+    one = report["one_step"]["overall"]
+    return write_json(SUMMARY / "twin.json", {"twin_mse": round(one["twin_mse"], 5),
+                                              "bayes_floor": round(one["floor"], 5),
+                                              "twin_ratio": round(one["twin_ratio"], 4)})
+
+
+def write_sweep(summary: dict) -> list[Path]:
+    """One file per point and learner: `metrics/summary/<sweep>/<label>_<algo>.json`, the
+    means over seeds (and the mean's ratio to the oracle on the same episodes)."""
+    written = []
+    for point in summary["points"]:
+        oracle = point.get("baselines", {}).get("oracle", {}).get("team_reward", {}).get("mean")
+        for algo, res in point["algos"].items():
+            out = {k: round(res[k]["mean"], 4) for k in LEARNER_KEYS}
+            if oracle:
+                out["ratio_to_oracle"] = round(res["team_reward"]["mean"] / oracle, 4)
+            written.append(write_json(SUMMARY / summary["sweep"] / f"{point['label']}_{algo}.json", out))
+    return written
+
+
+def write_episode(trace: dict) -> list[Path]:
+    """Fig. 6's episode: each learner's mean DNT error, `metrics/summary/fig6/<algo>.json`."""
+    return [write_json(SUMMARY / "fig6" / f"{a}.json", {"dnt_error": round(s["dnt_error"], 4)})
+            for a, s in trace["summary"].items()]
