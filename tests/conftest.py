@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 # Tiny models train several times faster on one thread than on two contended ones, and
 # subprocesses started by tests inherit the setting.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
+# hypothesis keeps its examples and caches outside the repository (default: .hypothesis/)
+os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY",
+                      os.path.join(tempfile.gettempdir(), f"dntsync-hypothesis-{os.getuid()}"))
 
 import pytest
 
