@@ -2,8 +2,9 @@
 
 Lightning announces the accelerators ("GPU available: False ...") and a logging tip on
 every Trainer, through its `rank_zero` loggers; torch 2.13 warns about Lightning's use of
-`LeafSpec`. Raised to WARNING (and the deprecation filtered) once per process: in the CLI
-and in every sweep worker. Our own warnings and errors still show.
+`LeafSpec`; MLflow finds its local-file dataset source registered twice and says so on
+every data set logged. Raised to WARNING (and those two warnings filtered) once per process:
+in the CLI and in every sweep worker. Our own warnings and errors still show.
 """
 
 from __future__ import annotations
@@ -18,3 +19,4 @@ def quiet_libraries() -> None:
     for name in RANK_ZERO_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+    warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
