@@ -464,6 +464,8 @@ def test_quick_profile_lays_the_documented_reduced_copy(tmp_path):
     assert cfg.scenario == load_config(REPO_ROOT / "conf" / "params.yaml").scenario
     for path in ("dvc.yaml", "Makefile", "src/dntsync/cli.py", "conf/search_space.yaml"):
         assert (dest / path).read_bytes() == (REPO_ROOT / path).read_bytes(), path
+    # the project's own results stay behind: the copy makes its own dvc.lock and metrics
+    assert not (dest / "dvc.lock").exists() and not (dest / "metrics").exists()
     clean = subprocess.run(["git", "status", "--porcelain"], cwd=dest, capture_output=True,
                            text=True, check=True)
     assert clean.stdout == ""  # everything committed: `dvc exp run` works there too

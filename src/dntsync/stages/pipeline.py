@@ -46,7 +46,9 @@ def materialise(root: Path, profile: Path, dest: Path) -> Path:
     from_dict(params)  # validate before any work
     dest.mkdir(parents=True, exist_ok=True)
     for rel in project_files(root):
-        if rel.startswith(".profiles/"):
+        # not another profile's copy, nor this project's own results (its dvc.lock and
+        # headline metrics): the copy starts with none and makes its own
+        if rel.startswith((".profiles/", "metrics/")) or rel == "dvc.lock":
             continue
         target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
