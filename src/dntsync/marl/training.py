@@ -361,7 +361,9 @@ def fit_marl(cfg: Config, *, algo: str | None = None, seed: int | None = None,
                               tracking_uri=cfg.tracking.mlflow_uri, run_id=run.info.run_id)
         train(logger)
         report = finish()
-        mlflow.log_metrics(headline_metrics(report), step=cfg.marl.epochs)
+        logged = mlflow.MlflowClient().get_metric_history(run.info.run_id, "eval_team_reward")
+        evaluated_last = any(m.step == cfg.marl.epochs for m in logged)  # by the validation loop
+        mlflow.log_metrics(headline_metrics(report, with_eval=not evaluated_last), step=cfg.marl.epochs)
         if report.get("baselines"):
             mlflow.log_table(baselines_table(report), artifact_file="baselines.json")
         with tempfile.TemporaryDirectory() as tmp:
@@ -421,11 +423,12 @@ def end_if_running(run_id: str, uri: str) -> None:
         pass  # not in this store (any more)
 
 
-def headline_metrics(report: dict) -> dict[str, float]:
+def headline_metrics(report: dict, with_eval: bool = True) -> dict[str, float]:
     """The final numbers as MLflow metrics, the runs table's columns: the final greedy
-    evaluation under the curve's names (`eval_<metric>`, logged at the last epoch, so a
-    column's latest value is the final one) and the ratios to the oracle and the best heuristic."""
-    out = {f"eval_{k}": v["mean"] for k, v in report["eval"].items()}
+    evaluation under the curve's names (`eval_<metric>` at the last epoch, so a column's
+    latest value is the final one; `with_eval=False` when the validation loop logged it
+    there already) and the ratios to the oracle and the best heuristic."""
+    out = {f"eval_{k}": v["mean"] for k, v in report["eval"].items()} if with_eval else {}
     for key in ("ratio_to_oracle", "ratio_to_best_heuristic"):
         if key in report and np.isfinite(report[key]):
             out[key] = report[key]
