@@ -59,11 +59,34 @@ def quiet_logger(name: str, level: int = logging.ERROR) -> Iterator[None]:
         logger.setLevel(old)
 
 
+def log_torch_model(module, name: str, example, registered: str | None = None) -> None:
+    """`module` as an MLflow PyTorch model of the active run under `name`, with the signature
+    of `example` -> `module(example)`, registered as `registered` if given. Pickled (pt2
+    needs a traceable graph; the Q heads' masked max is data-dependent), with torch pinned
+    so MLflow does not infer requirements; its note that pickles run code on load is quieted
+    (the project's own loaders never unpickle)."""
+    import mlflow
+    import torch
+    from mlflow.models import infer_signature
+
+    with torch.no_grad():
+        signature = infer_signature(example.numpy(), module(example).numpy())
+    with quiet_logger("mlflow.pytorch"):
+        mlflow.pytorch.log_model(module, name=name, signature=signature,
+                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                                 registered_model_name=registered, serialization_format="pickle")
+
+
 def experiment_name(cfg: Config, stage: str) -> str:
     return f"{cfg.tracking.experiment_prefix}-{stage}"
 
 
 STAGES = ("pipeline", "twin", "marl", "tune")
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a local SQLite tracking URI, or None (a server)."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
 def store_lock(uri: str) -> contextlib.AbstractContextManager:
@@ -72,11 +95,11 @@ def store_lock(uri: str) -> contextlib.AbstractContextManager:
     MLflow creates and migrates a new SQLite store on first use with alembic, and two
     processes doing it at once collide ("table ... already exists") and can leave the file
     unusable; a server's database is created by the server alone."""
-    if not uri.startswith("sqlite:///"):
+    db = sqlite_file(uri)
+    if db is None:
         return contextlib.nullcontext()
     from filelock import FileLock
 
-    db = Path(uri.removeprefix("sqlite:///"))
     db.parent.mkdir(parents=True, exist_ok=True)
     return FileLock(f"{db}.lock", timeout=600)
 
@@ -101,10 +124,8 @@ def artifact_location(uri: str, experiment: str) -> str | None:
     """Where a new experiment's artifacts go: for a local SQLite store `mlartifacts/<name>`
     beside the database file (MLflow's default, `./mlruns`, is relative to wherever the
     command runs); for a server, the server's choice (None)."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    db = Path(uri.removeprefix("sqlite:///")).resolve()
-    return (db.parent / "mlartifacts" / experiment).as_uri()
+    db = sqlite_file(uri)
+    return None if db is None else (db.resolve().parent / "mlartifacts" / experiment).as_uri()
 
 
 @contextlib.contextmanager

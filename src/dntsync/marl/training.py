@@ -39,7 +39,7 @@ from dntsync.errors import RunError, UserError
 from dntsync.files import copy_file, save_torch, write_csv, write_json, write_text
 from dntsync.marl.learners import LEARNERS, QLearner
 from dntsync.marl.replay import EpisodeDataModule
-from dntsync.tracking import quiet_logger
+from dntsync.tracking import log_torch_model
 
 MLFLOW_SECTIONS = ("seed", "scenario", "env", "marl")
 CURVE_COLUMNS = ("epoch", "train_reward", *(f"train_{k}" for k in METRICS[1:]), "train_loss",
@@ -386,18 +386,10 @@ def log_policy_model(learner: QLearner, obs_dim: int, n_bs: int, registered: str
     """The greedy policy as an MLflow PyTorch model of the active run (`GreedyActions`:
     observations [B, T, M, D] -> actions [B, T, M]), registered as `registered` if given.
     `mlflow.pytorch.load_model(f"runs:/<run id>/policy")` loads it where dntsync is installed."""
-    import mlflow
-    from mlflow.models import infer_signature
-
     from dntsync.marl.networks import GreedyActions
 
-    module = GreedyActions(learner.online)
-    example = torch.zeros(1, 1, n_bs, obs_dim)
-    signature = infer_signature(example.numpy(), module(example).numpy())
-    with quiet_logger("mlflow.pytorch"):  # its note that pickled models run code on load
-        mlflow.pytorch.log_model(module, name="policy", signature=signature,
-                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-                                 registered_model_name=registered, serialization_format="pickle")
+    log_torch_model(GreedyActions(learner.online), "policy", torch.zeros(1, 1, n_bs, obs_dim),
+                    registered)
 
 
 def default_where() -> dict[str, str]:

@@ -174,4 +174,7 @@ def run(cfg: Config, args) -> int:
     finally:
         os.chdir(cwd)
         for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

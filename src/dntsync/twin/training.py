@@ -178,18 +178,9 @@ def fit_twin(cfg: Config, *, callbacks: list | None = None, enable_progress_bar:
 def log_twin_model(net, cfg: Config, registered: str | None) -> None:
     """The twin as an MLflow PyTorch model of the active run (K statuses of the U users,
     `[B, K, U, 2]` metres -> the next positions `[B, U, 2]`), registered if named."""
-    import mlflow
-    from mlflow.models import infer_signature
+    from dntsync.tracking import log_torch_model
 
-    from dntsync.tracking import quiet_logger
-
-    example = torch.zeros(1, cfg.twin.window, cfg.scenario.n_users, 2)
-    with torch.no_grad():
-        signature = infer_signature(example.numpy(), net(example).numpy())
-    with quiet_logger("mlflow.pytorch"):  # its note that pickled models run code on load
-        mlflow.pytorch.log_model(net, name="twin", signature=signature,
-                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-                                 registered_model_name=registered, serialization_format="pickle")
+    log_torch_model(net, "twin", torch.zeros(1, cfg.twin.window, cfg.scenario.n_users, 2), registered)
 
 
 def _fit_and_report(cfg: Config, data: TrajectoryData, callbacks: list, logger, progress: bool,
