@@ -31,7 +31,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "ablation.json"
 ROWS: list[tuple[str, list[str]]] = [
     ("paper", ["env.observation=positions_only", "env.obs_frame=area", "env.user_features=[]",
                "marl.head=flat", "marl.lr=1e-4", "marl.exploration=action",
-               "marl.epsilon_start=0.5", "marl.target_update_epochs=2"]),
+               "marl.epsilon_start=0.5", "marl.epsilon_end=0.05", "marl.target_update_epochs=2"]),
     ("upload-state", ["env.observation=full"]),
     ("branching-head", ["marl.head=branching"]),
     ("bs-frame", ["env.obs_frame=bs"]),
@@ -39,6 +39,7 @@ ROWS: list[tuple[str, list[str]]] = [
     ("bit-exploration", ["marl.exploration=bit", "marl.epsilon_start=0.3"]),
     ("lr-2e-3", ["marl.lr=2e-3"]),
     ("no-target-net", ["marl.target_update_epochs=0"]),
+    ("greedy-end", ["marl.epsilon_end=0"]),
 ]
 
 

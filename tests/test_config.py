@@ -47,6 +47,7 @@ def test_paper_profile_is_the_paper_literal_learner(repo_root):
     assert (paper.env.observation, paper.env.obs_frame, paper.env.user_features) == \
         ("positions_only", "area", ())
     assert paper.marl.exploration == "action" and paper.marl.target_update_epochs >= 1
+    assert paper.marl.epsilon_end == 0.05  # the default learner ends greedy (0.0)
 
 
 def test_params_yaml_equals_embedded_defaults(repo_root):

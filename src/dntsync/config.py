@@ -231,7 +231,7 @@ class MarlConfig:
     batch_size: int = 16  # episodes per minibatch
     buffer_capacity: int = 500  # episodes
     epsilon_start: float = 0.3
-    epsilon_end: float = 0.05
+    epsilon_end: float = 0.0  # greedy after the decay: +0.21 in the Fig. 3 setting (docs/learners.md)
     epsilon_decay_epochs: int = 30
     # "action": with prob. epsilon a uniformly random valid action; "bit": each allowed bit
     # of the greedy action redrawn with prob. epsilon (dntsync.marl.learners.EXPLORATION)

@@ -1,7 +1,8 @@
 """The headline numbers each stage leaves for `dvc metrics show` / `dvc exp show`.
 
 One small JSON file per learner run, sweep point x learner, twin and Fig. 6 learner, under
-`metrics/summary/`, with the same few keys (team reward, sum rate, DNT error, ratio to the
+`metrics/summary/` (beside the stage's own metrics folder, so a run with its outputs
+elsewhere leaves the pipeline's files alone), with the same few keys (team reward, sum rate, DNT error, ratio to the
 oracle; the twin's error against the Bayes floor), so DVC's tables have a handful of columns
 and a row per file. The long reports (`metrics/*.json`, `metrics/marl/*.json`) stay as the
 stages' plain outputs, which DVC does not read as metrics. `metrics/summary/` is tracked in
@@ -26,15 +27,23 @@ def learner(report: dict) -> dict:
     return out
 
 
-def write_learner(report: dict) -> Path:
-    return write_json(SUMMARY / f"marl_{report['algo']}_seed{report['seed']}.json", learner(report))
+def summary_dir(metrics_path: str) -> Path:
+    """`summary/` beside a stage's metrics file or folder (`metrics/marl`, `metrics/twin.json`
+    -> `metrics/summary`)."""
+    return Path(metrics_path).parent / SUMMARY.name
 
 
-def write_twin(report: dict) -> Path:
+def write_learner(report: dict, metrics_dir: str) -> Path:
+    """`<metrics_dir>/../summary/marl_<algo>_seed<S>.json`."""
+    name = f"marl_{report['algo']}_seed{report['seed']}.json"
+    return write_json(summary_dir(metrics_dir) / name, learner(report))
+
+
+def write_twin(report: dict, metrics_file: str) -> Path:
     one = report["one_step"]["overall"]
-    return write_json(SUMMARY / "twin.json", {"twin_mse": round(one["twin_mse"], 5),
-                                              "bayes_floor": round(one["floor"], 5),
-                                              "twin_ratio": round(one["twin_ratio"], 4)})
+    return write_json(summary_dir(metrics_file) / "twin.json",
+                      {"twin_mse": round(one["twin_mse"], 5), "bayes_floor": round(one["floor"], 5),
+                       "twin_ratio": round(one["twin_ratio"], 4)})
 
 
 def write_sweep(summary: dict) -> list[Path]:

@@ -49,7 +49,7 @@ def run(cfg: Config, args) -> int:
     if args.seed is not None:
         report = fit_marl(cfg, algo=algo, seed=args.seed, enable_progress_bar=progress)
         drop_resumable_state(cfg, algo, args.seed)
-        write_learner(report)
+        write_learner(report, cfg.marl.metrics_dir)
         print(f"seed {args.seed}: " + _line(report) + f" [{report['wall_time_s']:.0f} s]")
         return 0
     summary = fit_marl_seeds(cfg, algo=algo, enable_progress_bar=progress)

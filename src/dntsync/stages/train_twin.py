@@ -27,7 +27,7 @@ def run(cfg: Config, args) -> int:
         print(f"dntsync train-twin: {err}", file=sys.stderr)
         return 2
     report = result["metrics"]
-    write_twin(report)
+    write_twin(report, cfg.twin.metrics)
     one, multi = report["one_step"]["overall"], report["multi_step"]
     print(f"twin: best val loss {result['val_loss']:.4f} at epoch {result['best_epoch']} "
           f"({result['epochs']} epochs, {result['wall_s']:.0f} s)")
