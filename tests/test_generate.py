@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from dntsync.cli import main
-from dntsync.config import load_config
+from dntsync.config import apply_overrides, load_config
 from dntsync.network import Scenario, move_probabilities
-from dntsync.config import apply_overrides
 from dntsync.stages.generate import make_dataset
 
 

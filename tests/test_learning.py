@@ -51,8 +51,8 @@ def test_short_vdn_run_reaches_most_of_the_oracle_without_coordination(tmp_path,
 
 
 def test_greedy_and_exploring_play_never_take_a_masked_action(tmp_path):
-    from dntsync.marl.training import build_data, build_learner
     from dntsync.env.predictors import HoldLast
+    from dntsync.marl.training import build_data, build_learner
 
     cfg = short_run_config(tmp_path, {})  # the default three BSs, overlaps included
     data = build_data(cfg, HoldLast(), seed=0)
@@ -71,7 +71,6 @@ def test_ablation_runs_from_the_paper_profile_to_the_default_learner():
     """scripts/ablation.py's row 0 is conf/profiles/paper.yaml's learner and its last row is
     the default configuration, so the table spans exactly the two reported learners."""
     import importlib.util
-
 
     from dntsync.config import apply_overrides, load_config, merge, read_yaml, to_plain
 

@@ -14,8 +14,7 @@ from dntsync.config import from_dict
 from dntsync.env import DntEnv, Drift, RandomValid, action_mask, is_valid
 from dntsync.env.evaluate import Rollout, StatelessPolicy, rollout
 from dntsync.marl import IQL, VDN, FactorisedHead, FlatHead, QPolicy
-from dntsync.marl.networks import BranchingHead
-from dntsync.marl.networks import valid_mask
+from dntsync.marl.networks import BranchingHead, valid_mask
 from dntsync.marl.replay import EpisodeBatch, EpisodeReplay
 from dntsync.marl.training import fit_marl
 from dntsync.network import Scenario
@@ -449,6 +448,12 @@ def test_cli_trains_every_seed_and_aggregates(tmp_path, monkeypatch):
     assert summary["seeds"] == [0, 1] and len(summary["eval_team_reward_per_seed"]) == 2
     assert summary["head"] == "factorised" and "ratio_to_oracle" in summary
     assert (tmp_path / "models/iql.ckpt").exists()
+    # one seed with its outputs elsewhere: its headline file goes beside them, the same numbers
+    assert main(["train-marl", "--params", str(params), "--algo", "iql", "--seed", "1", "--no-progress",
+                 "--set", "marl.metrics_dir=elsewhere/metrics"]) == 0
+    headline = json.loads((tmp_path / "elsewhere/summary/marl_iql_seed1.json").read_text())
+    assert headline["team_reward"] == pytest.approx(summary["eval_team_reward_per_seed"][1], abs=1e-4)
+    assert not (tmp_path / "metrics/summary").exists() and not (tmp_path / "summary").exists()
     assert (tmp_path / "metrics/curves/marl_iql_seed1.csv").exists()
     assert not list((tmp_path / "checkpoints").glob("*/last.ckpt"))  # finished: state deleted
     # Fig. 3 from what the stage wrote: a band over the two seeds, oracle and best heuristic

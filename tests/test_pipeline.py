@@ -99,6 +99,29 @@ def test_keep_results_copies_the_report_figures_and_headline_metrics(project, tm
         assert (kept / "metrics" / name).read_bytes() == (project / "metrics" / name).read_bytes()
 
 
+def test_report_checks_the_claims_against_the_kept_paper_literal_run_too(project, tmp_path, monkeypatch):
+    """With a kept profile run in docs/results/paper/ (make paper), the claims table has a
+    column pair for it; a profile's own report (DNTSYNC_PROFILE) leaves it out."""
+    from dntsync.config import load_config
+    from dntsync.stages import report
+
+    shutil.copytree(project / "metrics", tmp_path / "metrics")
+    out = subprocess.run([sys.executable, str(REPO_ROOT / "scripts/keep_results.py"), str(project),
+                          str(tmp_path / "docs/results/paper")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    cfg = load_config(project / "conf/params.yaml")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DNTSYNC_PROFILE", raising=False)
+    lines = report.build(cfg).splitlines()
+    header = next(line for line in lines if line.startswith("| claim (paper)"))
+    assert "default learner" in header and "paper-literal learner" in header
+    row = next(line for line in lines if line.startswith("| VDN's reward over IQL's, Fig. 3")).split("|")
+    assert row[3] == row[5] and row[4] == row[6]  # the same run kept as both
+    assert any(line.startswith("In the Fig. 3 setting the paper-literal learners reach: VDN") for line in lines)
+    monkeypatch.setenv("DNTSYNC_PROFILE", "conf/profiles/paper.yaml")
+    assert "paper-literal" not in report.build(cfg)
+
+
 def test_mlflow_holds_the_runs_under_one_parent(project):
     db = sqlite3.connect(project / "mlflow.db")
     counts = dict(db.execute(

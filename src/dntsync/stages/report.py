@@ -7,6 +7,7 @@ command that produced it. A claim we do not reproduce is stated as such.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from dntsync.files import write_text
 
 OUT = Path("reports/RESULTS.md")
 METRICS = Path("metrics")
+PAPER_RESULTS = Path("docs/results/paper")  # `make paper` keeps its results here
 
 
 def load(name: str, folder: Path = METRICS) -> dict | None:
@@ -88,10 +90,13 @@ def sweep_point(sweep: dict, value) -> dict | None:
     return next((p for p in sweep["points"] if p["value"] == value), None)
 
 
-def claims_table(twin: dict | None, marl: dict, fig4: dict | None, fig5: dict | None,
-                 fig6: dict | None) -> list[str]:
-    rows = ["| claim (paper) | paper | ours (mean ± spread over seeds) | verdict | command |",
-            "|---|---|---|---|---|"]
+Claim = tuple[str, str, str, str]  # (the paper's figure, ours, verdict, command)
+
+
+def claims(twin: dict | None, marl: dict, fig4: dict | None, fig5: dict | None,
+           fig6: dict | None) -> dict[str, Claim]:
+    """Each checked claim of the paper, by its label, against one set of results."""
+    out: dict[str, Claim] = {}
     if "vdn" in marl and "iql" in marl:
         m, s, _ = gain(marl["vdn"]["eval_team_reward_per_seed"], marl["iql"]["eval_team_reward_per_seed"])
         candidates = [("Fig. 3 setting", m, s)]
@@ -101,10 +106,12 @@ def claims_table(twin: dict | None, marl: dict, fig4: dict | None, fig5: dict | 
                                  p["algos"]["iql"]["team_reward"]["per_seed"])
                 candidates.append((f"{sweep['key']}={p['value']}", gm, gs))
         best = max(candidates, key=lambda c: c[1])
-        rows.append(f"| VDN's reward over IQL's, Fig. 3 (eps 0.3, N 12) | up to +28.96% | {fmt(m, s)} "
-                    f"| {verdict(m, 0.2896, s)} | `dvc repro train_marl` (one stage per algorithm and seed) |")
-        rows.append(f"| ... largest over all our settings | +28.96% | {fmt(best[1], best[2])} at {best[0]} "
-                    f"| {verdict(best[1], 0.2896, best[2])} | `dvc repro` |")
+        out["VDN's reward over IQL's, Fig. 3 (eps 0.3, N 12)"] = (
+            "up to +28.96%", fmt(m, s), verdict(m, 0.2896, s),
+            "`dvc repro train_marl` (one stage per algorithm and seed)")
+        out["... largest over all our settings"] = (
+            "+28.96%", f"{fmt(best[1], best[2])} at {best[0]}", verdict(best[1], 0.2896, best[2]),
+            "`dvc repro`")
     for sweep, value, key, paper, label, relative in (
             (fig4, 0.8, "sum_rate", 0.3179, "VDN's data rate over IQL's at eps 0.8, Fig. 4 (N 9)", True),
             (fig5, 12, "sum_rate", 0.1015, "VDN's data rate over IQL's at 12 users, Fig. 5", True),
@@ -112,21 +119,20 @@ def claims_table(twin: dict | None, marl: dict, fig4: dict | None, fig5: dict | 
         point = sweep_point(sweep, value) if sweep else None
         paper_s = pct(paper) if relative else f"+{paper}"
         if point is None:
-            rows.append(f"| {label} | {paper_s} | not in this run's grid | — | — |")
+            out[label] = (paper_s, "not in this run's grid", "—", "—")
             continue
         m, s, _ = gain(point["algos"]["vdn"][key]["per_seed"], point["algos"]["iql"][key]["per_seed"],
                        relative)
-        shown = fmt(m, s, relative)
-        rows.append(f"| {label} | {paper_s} | {shown} | {verdict(m, paper, s)} | "
-                    f"`dvc repro sweep@{sweep['sweep']}` |")
+        out[label] = (paper_s, fmt(m, s, relative), verdict(m, paper, s), f"`dvc repro sweep@{sweep['sweep']}`")
     if twin is not None:
         mse = np.asarray(twin["one_step"]["per_user"]["twin_mse"])
         floor = np.asarray(twin["one_step"]["per_user"]["floor"])
         ratio = twin["one_step"]["overall"]["twin_ratio"]
         note = ("at the Bayes floor: the spread is the users' own randomness" if ratio <= 1.05
                 else f"**{ratio:.2f} x the Bayes floor**")
-        rows.append(f"| GRU per-user one-step MSE, Fig. 2 | 0.075 – 0.32 | {mse.min():.3f} – {mse.max():.3f} "
-                    f"(Bayes floor {floor.min():.3f} – {floor.max():.3f}) | {note} | `dvc repro train_twin` |")
+        out["GRU per-user one-step MSE, Fig. 2"] = (
+            "0.075 – 0.32", f"{mse.min():.3f} – {mse.max():.3f} (Bayes floor {floor.min():.3f} – "
+            f"{floor.max():.3f})", note, "`dvc repro train_twin`")
     if fig6 is not None and {"vdn", "iql"} <= set(fig6["summary"]):
         v, i = fig6["summary"]["vdn"]["dnt_error"], fig6["summary"]["iql"]["dnt_error"]
         per_seed = {a: [float(np.mean(slots)) for slots in fig6["learners"][a]["dnt_error"]]
@@ -134,9 +140,21 @@ def claims_table(twin: dict | None, marl: dict, fig4: dict | None, fig5: dict | 
         m, s, _ = gain(per_seed["vdn"], per_seed["iql"], relative=False)
         said = ("**not reproduced**: no difference beyond the spread over seeds" if abs(m) <= s
                 else "direction reproduced" if m < 0 else "**not reproduced**: the opposite direction")
-        rows.append(f"| VDN keeps a smaller DNT error than IQL over an episode, Fig. 6 | VDN lower | "
-                    f"VDN {v:.3f}, IQL {i:.3f} (VDN - IQL {fmt(m, s, False)}) | {said} "
-                    f"| `dvc repro episode_fig6` |")
+        out["VDN keeps a smaller DNT error than IQL over an episode, Fig. 6"] = (
+            "VDN lower", f"VDN {v:.3f}, IQL {i:.3f} (VDN - IQL {fmt(m, s, False)})", said,
+            "`dvc repro episode_fig6`")
+    return out
+
+
+def claims_table(learners: list[tuple[str, dict[str, Claim]]]) -> list[str]:
+    """One row per claim, an (ours, verdict) pair of columns per learner configuration."""
+    head = "| claim (paper) | paper | " + " | ".join(f"{n} (mean ± spread over seeds) | verdict"
+                                                  for n, _ in learners) + " | command |"
+    rows = [head, "|---|---|" + "---|---|" * len(learners) + "---|"]
+    for label in dict.fromkeys(k for _, c in learners for k in c):
+        have = [c[label] for _, c in learners if label in c]
+        cells = [f"{c[label][1]} | {c[label][2]}" if label in c else "— | —" for _, c in learners]
+        rows.append(f"| {label} | {have[0][0]} | " + " | ".join(cells) + f" | {have[0][3]} |")
     return rows
 
 
@@ -230,6 +248,33 @@ def diagnosis_table(cfg: Config) -> list[str]:
     return rows if references else []
 
 
+def paper_results(cfg: Config) -> tuple | None:
+    """`(twin, marl, fig4, fig5, fig6)` of the paper-literal learner's kept run, as `claims`
+    takes them; None when there is none or this report is itself a profile's
+    (`DNTSYNC_PROFILE`, set by `dntsync pipeline --profile`)."""
+    from dntsync.marl.training import aggregate
+
+    folder = PAPER_RESULTS / "metrics"
+    if os.environ.get("DNTSYNC_PROFILE") or not folder.is_dir():
+        return None
+    marl = {}
+    for algo in cfg.sweeps.algos:
+        paths = sorted((folder / "marl").glob(f"marl_{algo}_seed*.json"),
+                       key=lambda p: int(p.stem.rsplit("seed", 1)[1]))
+        if paths:
+            marl[algo] = aggregate([json.loads(p.read_text()) for p in paths])
+    return (load("twin.json", folder), marl, load("sweep_fig4.json", folder),
+            load("sweep_fig5.json", folder), load("fig6_episode.json", folder))
+
+
+def paper_fig3(marl: dict) -> list[str]:
+    """The paper-literal learners' Fig. 3 team reward, as a sentence."""
+    said = [f"{algo.upper()} {r['eval_team_reward']:.2f} ± {r['eval_team_reward_std_over_seeds']:.2f} "
+            f"({r['ratio_to_oracle']:.3f} x the oracle, {r['ratio_to_best_heuristic']:.3f} x the best "
+            f"heuristic)" for algo, r in marl.items() if "ratio_to_oracle" in r]
+    return [f"In the Fig. 3 setting the paper-literal learners reach: {'; '.join(said)}."] if said else []
+
+
 def build(cfg: Config) -> str:
     twin = load("twin.json")
     from dntsync.marl.training import seed_summary
@@ -246,7 +291,16 @@ def build(cfg: Config) -> str:
              f"(seeds {first.get('eval_seeds', [None])[0]}.., never used in training). "
              "Spreads are standard deviations over training seeds; VDN-vs-IQL gains pair the "
              "seeds by index.", "",
-             "## The paper's claims beside ours", "", *claims_table(twin, marl, fig4, fig5, fig6), ""]
+             "## The paper's claims beside ours", ""]
+    learners = [("default learner", claims(twin, marl, fig4, fig5, fig6))]
+    paper = paper_results(cfg)
+    if paper is not None:
+        learners.append(("paper-literal learner", claims(*paper)))
+        lines += [f"The paper-literal learner (`conf/profiles/paper.yaml`: flat head, positions-only "
+                  f"local state, Table II) is the pipeline run by `make paper`, whose report, figures "
+                  f"and metrics are kept in `{PAPER_RESULTS}/`; the command column is the default's.", "",
+                  *paper_fig3(paper[1]), ""]
+    lines += [*claims_table(learners), ""]
     bars = bars_table(marl, fig4, fig5)
     if bars:
         lines += ["## Do the learners learn the task?", "",
