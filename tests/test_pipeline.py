@@ -316,7 +316,8 @@ def test_dvc_exp_run_reruns_the_dependents_of_a_changed_parameter(project, tmp_p
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "results")
     tracked = subprocess.run(["git", "ls-files"], cwd=copy, capture_output=True, text=True).stdout
     assert "dvc.lock" in tracked and "metrics/summary/twin.json" in tracked
-    assert "metrics/marl/" not in tracked  # the long reports stay out of git
+    # the long reports stay out of git (docs/results/ keeps copies of a run's, by design)
+    assert not [f for f in tracked.splitlines() if f.startswith("metrics/marl/")]
 
     def workspace() -> dict:
         [row] = [r for r in json.loads(dvc(copy, "exp", "show", "--json")) if r["rev"] == "workspace"]
