@@ -1,6 +1,6 @@
 """Environment throughput on one CPU core: the batched `DntEnv` against a plain per-env loop.
 
-Setting: SPEC.md's default scenario (`Scenario()`: U = 12 users, M = 3 BSs, N = 12 RBs),
+Setting: docs/model.md's default scenario (`Scenario()`: U = 12 users, M = 3 BSs, N = 12 RBs),
 the hold-last twin (`HoldLast`), uniformly random valid actions (`random_valid`). Timed is
 a whole rollout loop: draw the actions, step, and reset when the episode ends (every T = 30
 slots), so a figure is what collecting experience actually costs.

@@ -1,6 +1,6 @@
 """Speed of the VDN / IQL learners: updates per second, one full default run, the Q heads.
 
-Setting: SPEC.md's default scenario (U = 12, M = 3, N = 12, T = 30), `conf/params.yaml`'s
+Setting: docs/model.md's default scenario (U = 12, M = 3, N = 12, T = 30), `conf/params.yaml`'s
 `marl` section, the hold-last twin (no GRU checkpoint needed), torch on `--threads` threads
 (default 1; the machine has 2 cores, shared).
 
@@ -76,7 +76,7 @@ def _setup(overrides: list[str], algo: str = "vdn"):
 
     cfg = load_config("conf/params.yaml", ["env.predictor=hold-last", *overrides])
     data = build_data(cfg, HoldLast(cfg.twin.window), seed=0)
-    learner = build_learner(cfg, algo, data.env.obs_dim, data.env.user_dim)
+    learner = build_learner(cfg, algo, data.env)
 
     class _Trainer:  # what the DataModule reads from Lightning's trainer
         lightning_module = learner

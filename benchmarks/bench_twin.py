@@ -1,6 +1,6 @@
 """Environment throughput with the GRU twin against the hold-last twin, on one CPU core.
 
-Setting: SPEC.md's default scenario (U = 12, M = 3, N = 12), one `DntEnv(n_envs=256)`,
+Setting: docs/model.md's default scenario (U = 12, M = 3, N = 12), one `DntEnv(n_envs=256)`,
 uniformly random valid actions drawn inside the timed loop, reset every T = 30 slots (as
 `bench_env.py`). The twin predicts s-hat_t for all 256 environments at every slot
 (`GruPredictor.predict`, float32 under `torch.inference_mode()`, one torch thread).

@@ -66,7 +66,7 @@ def run_leave_one_out(i: int) -> dict:
 
 
 def _run(k: int, name: str, out: str, overrides: list[str], adds: list[str]) -> dict:
-    sets = [*overrides, "sweeps.algos=[vdn]", f"marl.model_dir={out}/models",
+    sets = [*overrides, "sweeps.fig3_algos=[vdn]", f"marl.model_dir={out}/models",
             f"marl.metrics_dir={out}/metrics", f"marl.checkpoint_dir={out}/checkpoints"]
     cmd = [str(ROOT / ".venv" / "bin" / "dntsync"), "train-learners",
            *[a for s in sets for a in ("--set", s)]]

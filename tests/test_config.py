@@ -1,4 +1,4 @@
-"""The typed config: SPEC.md defaults, conf/params.yaml, validation messages, overrides, CLI."""
+"""The typed config: docs/model.md defaults, conf/params.yaml, validation messages, overrides, CLI."""
 
 from __future__ import annotations
 

@@ -194,6 +194,38 @@ def test_full_observation_tracks_uploads():
     np.testing.assert_allclose(res.obs[..., -2:], np.broadcast_to([1.0, 0.0], (4, 1, 2)))
 
 
+def test_others_feature_counts_the_other_bss_covering_a_user(tiny):
+    env = DntEnv(tiny, n_envs=8, seed=4, user_features=("others",))
+    obs, covered = env.reset()
+    f, n_users = env.user_dim, tiny.n_users
+    assert f == 4
+    rng, overlaps = np.random.default_rng(1), 0
+    for _ in range(tiny.episode_length):
+        per_user = obs[..., : f * n_users].reshape(8, tiny.n_bs, n_users, f)
+        others = (covered.sum(1, keepdims=True) - covered) / (tiny.n_bs - 1)
+        np.testing.assert_allclose(per_user[..., 3], np.where(covered, others, 0.0), rtol=1e-6)
+        overlaps += int((per_user[..., 3] > 0).sum())
+        res = env.step(random_valid(covered, rng))
+        obs, covered = res.obs, res.covered
+    assert overlaps, "the test needs users that both BSs cover"
+    with pytest.raises(ValueError, match="user_features"):
+        DntEnv(tiny, user_features=("others", "others"))
+
+
+def test_global_state_is_every_user_in_the_area_frame_and_every_bs_upload_numbers(tiny):
+    env = DntEnv(tiny, n_envs=4, seed=5)
+    obs, covered = env.reset()
+    rng = np.random.default_rng(2)
+    for _ in range(3):
+        state = env.global_state()
+        assert state.shape == (4, env.state_dim) and state.dtype == np.float32
+        np.testing.assert_allclose(state[:, : 2 * tiny.n_users].reshape(4, tiny.n_users, 2),
+                                   env.state.user_xy / [150.0, 50.0], rtol=1e-6)
+        np.testing.assert_array_equal(state[:, 2 * tiny.n_users:], obs[:, :, -2:].transpose(0, 2, 1).reshape(4, -1))
+        res = env.step(random_valid(covered, rng))
+        obs, covered = res.obs, res.covered
+
+
 def test_action_masks_follow_coverage(tiny):
     env = DntEnv(tiny, n_envs=4, seed=3)
     _, covered = env.reset()

@@ -7,7 +7,7 @@ import numpy as np
 from dntsync.cli import main
 from dntsync.config import apply_overrides, load_config
 from dntsync.network import Scenario, move_probabilities
-from dntsync.stages.generate import make_dataset
+from dntsync.network.dataset import make_dataset
 
 
 def test_generate_writes_the_dataset(small_params, tmp_path, capsys):

@@ -56,7 +56,7 @@ def test_greedy_and_exploring_play_never_take_a_masked_action(tmp_path):
 
     cfg = short_run_config(tmp_path, {})  # the default three BSs, overlaps included
     data = build_data(cfg, HoldLast(), seed=0)
-    learner = build_learner(cfg, "vdn", data.env.obs_dim, data.env.user_dim)
+    learner = build_learner(cfg, "vdn", data.env)
     with torch.no_grad():  # a huge serve term for every user: the mask alone must stop it
         for net in learner.online.agents:
             net.head.user_out.bias.fill_(1e6)

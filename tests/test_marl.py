@@ -1,4 +1,4 @@
-"""VDN / IQL (`dntsync.marl`): heads, masks, losses by hand, replay, and real tiny runs."""
+"""VDN / IQL / QMIX (`dntsync.marl`): heads, masks, losses by hand, replay, and real tiny runs."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from dntsync.config import from_dict
+from dntsync.config import ALGOS, from_dict
 from dntsync.env import DntEnv, Drift, RandomValid, action_mask, is_valid
 from dntsync.env.evaluate import Rollout, StatelessPolicy, rollout
 from dntsync.marl import IQL, VDN, FactorisedHead, FlatHead, QPolicy
+from dntsync.marl.learners import LEARNERS, QMIX, QMixer
 from dntsync.marl.networks import BranchingHead, valid_mask
 from dntsync.marl.replay import EpisodeBatch, EpisodeReplay
 from dntsync.marl.training import fit_marl
@@ -155,9 +156,11 @@ def make_learner(cls, double_q: bool, scenario: Scenario, obs_dim: int, head: st
                  target_update_epochs: int = 2):
     torch.manual_seed(1)
     learner = cls(n_agents=scenario.n_bs, obs_dim=obs_dim, n_users=scenario.n_users, hidden=6,
-                  head=head, gamma=0.2, double_q=double_q, target_update_epochs=target_update_epochs)
-    with torch.no_grad():  # a target net that differs from the online one
-        for p in learner.target.parameters():
+                  head=head, gamma=0.2, double_q=double_q, target_update_epochs=target_update_epochs,
+                  state_dim=2 * scenario.n_users + 2 * scenario.n_bs)
+    with torch.no_grad():  # a target net (and mixer) that differs from the online one
+        targets = [learner.target] + ([learner.target_mixer] if learner.target_mixer is not None else [])
+        for p in (p for t in targets for p in t.parameters()):
             p.add_(0.3 * torch.randn_like(p))
     return learner
 
@@ -237,6 +240,42 @@ def test_iql_loss_is_eq_37_by_hand(double_q):
     assert learner.td_loss(batch).item() == pytest.approx(total / (B * T * M), rel=1e-5)
 
 
+@pytest.mark.parametrize("target_update_epochs", [2, 0])
+def test_qmix_loss_mixes_the_chosen_q_with_the_slot_state_and_the_next_value_with_the_next(
+        target_update_epochs):
+    scenario = Scenario(**TINY)
+    batch = episode_batch(scenario, 3, seed=7)
+    learner = make_learner(QMIX, True, scenario, batch.obs.shape[-1], "branching", target_update_epochs)
+    q_on, future = all_q_values(learner.online, batch.obs), next_value_table(learner, batch)
+    B, T, M = batch.actions.shape
+    next_mixer = learner.mixer if target_update_epochs == 0 else learner.target_mixer
+    total = 0.0
+    with torch.no_grad():
+        for b in range(B):
+            for t in range(T):
+                chosen = torch.tensor([q_on[b, t, m, batch.actions[b, t, m]] for m in range(M)])
+                q_tot = learner.mixer(chosen.float(), batch.state[b, t])
+                nxt = 0.0 if t == T - 1 else next_mixer(torch.tensor(future[b, t]).float(),
+                                                        batch.state[b, t + 1]).item()
+                total += (batch.team_reward[b, t].item() + 0.2 * nxt - q_tot.item()) ** 2
+    assert learner.td_loss(batch).item() == pytest.approx(total / (B * T), rel=1e-4)
+
+
+def test_qmix_mixing_is_monotonic_and_its_weights_are_trained():
+    torch.manual_seed(0)
+    mixer = QMixer(n_agents=3, state_dim=10)
+    q = torch.randn(64, 3, requires_grad=True)
+    mixer(q, torch.randn(64, 10)).sum().backward()
+    assert (q.grad >= 0).all() and (q.grad > 0).any()  # dQ_tot / dQ_m >= 0: monotonic
+    scenario = Scenario(**TINY)
+    learner = make_learner(QMIX, True, scenario, 3 * scenario.n_users + 2, "branching")
+    trained = {id(p) for opt in [learner.configure_optimizers()[0]] for g in opt.param_groups
+               for p in g["params"]}
+    assert {id(p) for p in learner.mixer.parameters()} <= trained
+    assert not any(p.requires_grad for p in learner.target_mixer.parameters())
+    assert set(LEARNERS) == set(ALGOS)  # one list of learners: the config's
+
+
 def test_vdn_and_iql_differ_only_in_what_is_summed():
     scenario = Scenario(**TINY)
     batch = episode_batch(scenario, 2, seed=6)
@@ -283,7 +322,7 @@ def fake_episodes(ids: list[int], horizon: int = 2) -> Rollout:
     reward = np.repeat(np.array(ids, dtype=float)[:, None], horizon, axis=1)
     return Rollout(steps={}, obs=np.zeros((n, horizon, 1, 2)), covered=np.zeros((n, horizon, 1, 1)),
                    actions=np.zeros((n, horizon, 1)), team_reward=reward,
-                   local_rewards=reward[..., None], terminated=np.zeros((n, horizon)))
+                   local_rewards=reward[..., None], terminated=np.zeros((n, horizon)), state=np.zeros((n, horizon, 2)))
 
 
 def test_replay_ring_overwrites_the_oldest_and_samples_held_episodes():
@@ -312,7 +351,7 @@ def final_weights(path: Path) -> dict:
     return torch.load(path, weights_only=True)["state_dict"]
 
 
-@pytest.mark.parametrize("algo", ["vdn", "iql"])
+@pytest.mark.parametrize("algo", ["vdn", "iql", "qmix"])
 def test_two_epoch_run_logs_to_mlflow_and_writes_outputs(tmp_path, monkeypatch, algo):
     import mlflow
 
@@ -334,7 +373,7 @@ def test_two_epoch_run_logs_to_mlflow_and_writes_outputs(tmp_path, monkeypatch, 
     curve = (tmp_path / f"metrics/curves/marl_{algo}_seed0.csv").read_text().splitlines()
     assert curve[0].startswith("epoch,train_reward") and len(curve) == 3
     assert (tmp_path / f"models/{algo}_seed0.ckpt").exists()
-    loaded = {"vdn": VDN, "iql": IQL}[algo].load_from_checkpoint(tmp_path / f"models/{algo}_seed0.ckpt")
+    loaded = LEARNERS[algo].load_from_checkpoint(tmp_path / f"models/{algo}_seed0.ckpt")
     assert loaded.hparams.hidden == 16
 
     mlflow.set_tracking_uri(cfg.tracking.mlflow_uri)
@@ -422,7 +461,7 @@ def test_greedy_evaluation_during_training_never_changes_the_training(tmp_path):
 
 def test_sweep_points_evaluate_at_the_end_unless_told(tmp_path):
     from dntsync.config import apply_overrides
-    from dntsync.stages.sweep import point_config, sweep_points
+    from dntsync.stages.common import point_config, sweep_points
 
     cfg = tiny_config(tmp_path, epochs=7, eval_every=2)
     point = sweep_points(cfg, "fig4")[0]

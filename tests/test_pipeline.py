@@ -27,8 +27,9 @@ from test_readme import free_port, http, serving
 pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
-# the tiny profile's train_marl matrix: 2 algorithms x seeds [0, 1]
-LEARNERS = [f"train_marl@{a}-{s}" for a in ("vdn", "iql") for s in (0, 1)]
+# the tiny profile's train_marl matrix: the Fig. 3 learners x seeds [0, 1]
+FIG3_ALGOS = ("vdn", "iql", "qmix")
+LEARNERS = [f"train_marl@{a}-{s}" for a in FIG3_ALGOS for s in (0, 1)]
 STAGES = ["generate", "train_twin", *LEARNERS, "sweep@fig4", "sweep@fig5", "episode_fig6",
           "figures", "report"]
 FIGURES = ["fig2_twin_trajectories.png", "fig3_convergence.png", "fig4_eps.png",
@@ -68,7 +69,7 @@ def test_every_figure_metric_and_report_exists_and_is_non_trivial(project):
         assert len(rows) > 2, name
     twin = json.loads((project / "metrics/twin.json").read_text())
     assert len(twin["one_step"]["per_user"]["twin_mse"]) == 6
-    for algo in ("vdn", "iql"):
+    for algo in FIG3_ALGOS:
         for seed in (0, 1):
             run = json.loads((project / f"metrics/marl/marl_{algo}_seed{seed}.json").read_text())
             assert run["seed"] == seed and "oracle" in run["baselines"]
@@ -127,15 +128,15 @@ def test_mlflow_holds_the_runs_under_one_parent(project):
     counts = dict(db.execute(
         "select e.name, count(*) from runs r join experiments e using (experiment_id) "
         "where r.lifecycle_stage = 'active' group by e.name").fetchall())
-    # 2 algos x 2 seeds for Fig. 3, and 2 points x 2 algos x 2 seeds for each of Figs. 4, 5
-    assert counts["dntsync-marl"] == 4 + 8 + 8
+    # 3 algos x 2 seeds for Fig. 3, and 2 points x 2 algos x 2 seeds for each of Figs. 4, 5
+    assert counts["dntsync-marl"] == len(LEARNERS) + 8 + 8
     assert counts["dntsync-twin"] == 2  # the main twin and the 4-user twin of Fig. 5
     assert counts["dntsync-pipeline"] == 1
     parent = db.execute("select run_uuid from runs r join experiments e using (experiment_id) "
                         "where e.name = 'dntsync-pipeline'").fetchone()[0]
     children = db.execute("select count(*) from tags where key = 'mlflow.parentRunId' "
                           "and value = ?", (parent,)).fetchone()[0]
-    assert children == 22
+    assert children == len(LEARNERS) + 16 + 2
     stages = {v for (v,) in db.execute("select value from tags where key = 'dvc_stage'")}
     assert {"train_twin", *LEARNERS, "sweep@fig4", "sweep@fig5"} <= stages
 
@@ -169,7 +170,7 @@ def test_mlflow_runs_tell_themselves_apart_and_carry_their_models(project):
                             text=True).stdout.strip()
     marl = mlflow.search_runs(experiment_names=["dntsync-marl"], output_format="list")
     names = sorted(r.info.run_name for r in marl)
-    assert len(set(names)) == len(names) == 20
+    assert len(set(names)) == len(names) == len(LEARNERS) + 8 + 8  # Fig. 3, Fig. 4, Fig. 5
     assert {"fig3 vdn s0", "fig3 iql s1", "fig4 eps=0.25 vdn s1", "fig5 n_users=4 iql s0"} <= set(names)
     for run in marl:
         tags = run.data.tags
@@ -238,7 +239,7 @@ def test_dvc_metrics_show_is_a_table_of_headline_numbers(project):
     # a handful of columns, one row per learner run, sweep point x learner, twin, Fig. 6 run
     assert header.split()[1:] == sorted(["bayes_floor", "dnt_error", "ratio_to_oracle", "sum_rate",
                                          "team_reward", "twin_mse", "twin_ratio"])
-    assert len(rows) == 1 + 4 + 2 * 4 + 2 and max(len(r) for r in rows) <= 160
+    assert len(rows) == 1 + len(LEARNERS) + 2 * 4 + 2 and max(len(r) for r in rows) <= 160
     for path in ("metrics/summary/twin.json", "metrics/summary/marl_vdn_seed1.json",
                  "metrics/summary/fig4/eps=0.8_iql.json", "metrics/summary/fig6/vdn.json"):
         assert path in table, path
@@ -272,7 +273,7 @@ def test_dvc_plots_show_writes_the_html_page(project):
         # (DVC names a plot by its id) and the learners' curves
         for field in ("x_pred", "sum_rate_mean", "dnt_error_mean", "eval_team_reward"):
             assert field in html, field
-        assert "marl_vdn_seed0_csv" in html and html.count("vegaEmbed(") == 6 + 4
+        assert "marl_vdn_seed0_csv" in html and html.count("vegaEmbed(") == 6 + len(LEARNERS)
     finally:
         shutil.rmtree(project / "dvc_plots", ignore_errors=True)
 
@@ -295,7 +296,7 @@ def test_mlflow_ui_serves_the_runs(project, tmp_path):
         status, body = http(f"{base}/api/2.0/mlflow/runs/search",
                             {"experiment_ids": [ids["dntsync-marl"]], "max_results": 100})
         runs = json.loads(body)["runs"]
-        assert len(runs) == 20 and all(r["info"]["status"] == "FINISHED" for r in runs)
+        assert len(runs) == len(LEARNERS) + 16 and all(r["info"]["status"] == "FINISHED" for r in runs)
         tags = {t["key"]: t["value"] for t in runs[0]["data"]["tags"]}
         assert {"dvc_stage", "git_commit", "mlflow.parentRunId"} <= set(tags)
 
@@ -347,7 +348,7 @@ def test_dvc_exp_run_reruns_the_dependents_of_a_changed_parameter(project, tmp_p
         assert hashes[path] == before["outs"][path]["hash"], path
     # the learners' networks are recorded outputs (their metrics, `cache: false`, are not);
     # with 6 users 9 RBs are never short, so they may well be bit for bit the same
-    assert all(f"models/marl/{a}_seed{s}.ckpt" in hashes for a in ("vdn", "iql") for s in (0, 1))
+    assert all(f"models/marl/{a}_seed{s}.ckpt" in hashes for a in FIG3_ALGOS for s in (0, 1))
     # the README's narrow table: the kept columns only, both rows with their numbers
     monkeypatch.setenv("COLUMNS", "200")  # a wide terminal: rich cuts column names otherwise
     table = dvc(copy, "exp", "show", "--no-pager", "--drop", ".*", "--keep",

@@ -27,7 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from dntsync.cli import main
 from dntsync.config import ConfigError, load_config
-from dntsync.stages.generate import make_dataset
+from dntsync.network.dataset import make_dataset
 from dntsync.tracking import experiment_name
 from dntsync.tuning import load_space, run_study
 from dntsync.tuning.study import database_url, progress

@@ -17,7 +17,7 @@ import torch
 from dntsync.config import from_dict
 from dntsync.env import DntEnv, HoldLast, random_valid
 from dntsync.network import ConfigError, Scenario
-from dntsync.stages.generate import make_dataset
+from dntsync.network.dataset import make_dataset
 from dntsync.twin import GruPredictor, GruTwin, Scaler, TwinCheckpointError, save_twin, twin_loss
 from dntsync.twin.model import gru_unrolled
 

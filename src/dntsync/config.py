@@ -90,6 +90,12 @@ def read_yaml_file(path: str | Path, what: str = "config file") -> dict:
     return data
 
 
+# The learners (dntsync.marl.learners.LEARNERS has one class per name): the one list the
+# config's validation, the CLI's --algo and DVC's stages read.
+Algo = Literal["vdn", "iql", "qmix"]
+ALGOS: tuple[str, ...] = typing.get_args(Algo)
+
+
 def _need(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"{key} = {value!r} is invalid: {allowed}")
@@ -97,7 +103,7 @@ def _need(ok: bool, key: str, value: Any, allowed: str) -> None:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """The twin's trajectory data set (SPEC.md: 2,000 trajectories of T = 30 steps)."""
+    """The twin's trajectory data set (docs/model.md: 2,000 trajectories of T = 30 steps)."""
 
     n_trajectories: int = 2000
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train / validation / test
@@ -116,7 +122,7 @@ class EnvConfig:
     """The multi-agent environment (eqs. 7, 16, 17)."""
 
     # "full": per user (x, y, covered) plus last-upload-succeeded and slots since the last
-    # successful upload; "positions_only": the paper's local state alone (SPEC.md).
+    # successful upload; "positions_only": the paper's local state alone (docs/model.md).
     observation: Literal["full", "positions_only"] = "full"
     # users' (x, y) relative to the area ("area") or to the observing BS ("bs"); see
     # dntsync.env.core.OBS_FRAMES
@@ -189,7 +195,7 @@ class TwinConfig:
 
 @dataclass(frozen=True)
 class MarlConfig:
-    """The VDN / IQL learners (Sec. III-C/D, Algorithm 2, Table II).
+    """The learners: VDN and IQL (Sec. III-C/D, Algorithm 2, Table II) and QMIX (ours).
 
     Table II fixes G = 75, gamma 0.2 and the hidden size 128, kept here. The rest is the
     default learner's design, each choice measured on the Fig. 3 setting (VDN, GRU twin;
@@ -211,7 +217,7 @@ class MarlConfig:
     dense Adam.
     """
 
-    algo: Literal["vdn", "iql"] = "vdn"
+    algo: Algo = "vdn"
     epochs: int = 75  # G
     gamma: float = 0.2
     lr: float = 2e-3  # lambda_Q (Table II: 1e-4, the paper profile's)
@@ -361,7 +367,9 @@ class SweepConfig:
 class SweepsConfig:
     """The paper's Figs. 3-6: which learners, the sweep grids, and how many runs at once."""
 
-    algos: tuple[Literal["vdn", "iql"], ...] = ("vdn", "iql")
+    algos: tuple[Algo, ...] = ("vdn", "iql")  # the learners of the sweeps (Figs. 4-6)
+    # the learners of the Fig. 3 setting (the train_marl stages, the report's learner table)
+    fig3_algos: tuple[Algo, ...] = ("vdn", "iql", "qmix")
     workers: int = 2  # training runs in parallel (processes, one torch thread each)
     # greedy evaluation of the sweep runs every this many epochs; null: only at the end
     # (Figs. 4-6 use the final evaluation only; evaluating never changes training)
@@ -375,7 +383,10 @@ class SweepsConfig:
     fig6_episode_seed: int = 20_000
 
     def validate(self, key: str = "sweeps") -> None:
-        _need(len(self.algos) >= 1, f"{key}.algos", self.algos, "need at least one of vdn, iql")
+        for name in ("algos", "fig3_algos"):
+            algos = getattr(self, name)
+            _need(len(algos) >= 1 and len(set(algos)) == len(algos), f"{key}.{name}", list(algos),
+                  f"need distinct names from {list(ALGOS)}")
         _need(self.workers >= 1, f"{key}.workers", self.workers, "need >= 1")
         _need(self.eval_every is None or self.eval_every >= 1, f"{key}.eval_every",
               self.eval_every, "need >= 1, or null for the end of training only")

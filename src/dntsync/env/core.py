@@ -1,6 +1,6 @@
 """The multi-agent DNT environment, batched: one object steps many environments at once.
 
-Timing (SPEC.md, "at episode start the DNT is synchronised"): an episode is a trajectory
+Timing (docs/model.md, "at episode start the DNT is synchronised"): an episode is a trajectory
 s_0 .. s_T. At reset the DNT holds s_0 and its history is s_0 repeated K times; users then
 move to s_1 and the first decision is taken. In slot t = 1..T every BS observes s_t in its
 coverage, the twin predicts s-hat_t from the K last DNT statuses, the BSs choose uploads and
@@ -116,6 +116,10 @@ class DntEnv:
         return self.user_dim * self.scenario.n_users + (2 if self.observation == "full" else 0)
 
     @property
+    def state_dim(self) -> int:
+        return 2 * self.scenario.n_users + 2 * self.n_agents
+
+    @property
     def window(self) -> int:
         return max(1, int(self.predictor.window))
 
@@ -165,6 +169,16 @@ class DntEnv:
             obs[..., -2] = self._last_ok
             obs[..., -1] = np.minimum(self._since_ok / self.scenario.episode_length, 1.0)
         return obs
+
+    def global_state(self) -> np.ndarray:
+        """The global state s_t of the slot, `[B, state_dim]` float32 (what a centralised
+        mixer may read in training, never a BS): every user's position in the area's frame,
+        then each BS's two upload numbers (last upload succeeded, slots since, / T)."""
+        sc = self.scenario
+        center, half = (sc.area_low + sc.area_high) / 2, (sc.area_high - sc.area_low) / 2
+        xy = (self.state.user_xy - center) / half  # [B, U, 2]
+        since = np.minimum(self._since_ok / sc.episode_length, 1.0)
+        return np.concatenate([xy.reshape(self.n_envs, -1), self._last_ok, since], axis=-1).astype(np.float32)
 
     def step(self, actions: np.ndarray) -> StepResult:
         """Apply `actions[B, M]` (integers in [0, 2^(U+1))); masked bits are dropped."""

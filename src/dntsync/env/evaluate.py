@@ -75,6 +75,7 @@ class Rollout:
     team_reward: np.ndarray | None = None  # [B, T] eq. (16)
     local_rewards: np.ndarray | None = None  # [B, T, M] eq. (37)
     terminated: np.ndarray | None = None  # [B, T] bool: the episode ended after slot t
+    state: np.ndarray | None = None  # [B, T, S] the global state s_t (`DntEnv.global_state`)
 
 
 def rollout(env: DntEnv, policy: EpisodePolicy, seed: int | None = None,
@@ -84,7 +85,7 @@ def rollout(env: DntEnv, policy: EpisodePolicy, seed: int | None = None,
     policy.begin_episode(env.n_envs)
     steps: dict[str, list] = {k: [] for k in METRICS}
     trace: dict[str, list] = {k: [] for k in ("obs", "covered", "actions", "team_reward",
-                                              "local_rewards", "terminated")}
+                                              "local_rewards", "terminated", "state")}
     done = False
     while not done:
         actions = np.asarray(policy.act(env.state, obs))
@@ -93,6 +94,7 @@ def rollout(env: DntEnv, policy: EpisodePolicy, seed: int | None = None,
             steps[k].append(result.info[k])
         if record:
             trace["obs"].append(obs)
+            trace["state"].append(env.global_state())
             trace["covered"].append(covered)
             trace["actions"].append(actions)
             trace["team_reward"].append(result.team_reward)

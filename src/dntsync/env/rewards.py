@@ -1,6 +1,6 @@
 """Twin synchronisation (eq. 7) and rewards: team reward (eq. 16) and local reward (eq. 37).
 
-Pure functions of arrays with a leading batch axis. SPEC.md readings:
+Pure functions of arrays with a leading batch axis. docs/model.md readings:
 - the DNT position of user u is its true position if any BS covering it uploaded
   successfully this slot, else the twin's prediction s-hat_t;
 - eq. (16)'s condition "for all u, xi_u = 1" is read as "no user served twice" (it cannot

@@ -15,9 +15,12 @@ Both upload every slot, as the learners end up doing.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
+from dntsync.config import Config
 from dntsync.env.actions import decode, encode
 from dntsync.env.core import SlotState
 from dntsync.env.evaluate import METRICS, Evaluation, as_episode_policy, rollout, summarise
@@ -91,3 +94,23 @@ def diagnose(learner, evaluation: Evaluation) -> dict:
         "reference": {k: v["team_reward"]["mean"]
                       for k, v in reference_policies(evaluation, lazy).items()},
     }
+
+
+def diagnose_model(cfg: Config, path: Path) -> dict:
+    """The diagnosis of one saved model (`dntsync diagnose-learner`) on `cfg`'s evaluation episodes;
+    "warning" says when `cfg`'s predictor differs from the one the model was trained with."""
+    from dntsync.marl.training import load_q_networks
+    from dntsync.twin.predictor import build_predictor
+
+    learner, trained = load_q_networks(path, cfg)
+    algo = trained["algo"]
+    predictor, description = build_predictor(cfg)
+    mc = cfg.marl
+    evaluation = Evaluation(cfg.scenario, predictor, mc.eval_episodes, mc.eval_seed,
+                            **cfg.env.observation_options())
+    warning = None
+    if trained.get("predictor") != description:
+        warning = (f"{path} was trained with predictor {trained.get('predictor')!r}, played here "
+                   f"with {description!r}: pass the same --set/--config as its training")
+    return {"model": str(path), "algo": algo, "predictor": description, "warning": warning,
+            **diagnose(learner, evaluation)}

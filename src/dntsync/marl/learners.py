@@ -8,9 +8,11 @@
 3. next-step value: max over the *next* slot's valid actions of the target net (or, with
    double Q, the target net's value of the online net's masked argmax); zero after the
    last slot (the episode's end is terminal) and on padding;
-4. `td_terms` (the only thing a subclass defines) says what is compared: VDN sums the
-   agents (Q_tot, eq. 19) against the team reward (eqs. 21-22); IQL keeps each agent on its
-   own local reward (eq. 37);
+4. the learner's mixer (`mixer`, the one thing a subclass chooses) says what is compared:
+   VDN sums the agents (Q_tot, eq. 19) against the team reward (eqs. 21-22); QMIX mixes
+   them with a monotonic network of the global state s_t (Rashid et al. 2018) against the
+   team reward, the next slot's value through the target mixer; IQL has none and keeps
+   each agent on its own local reward (eq. 37);
 5. squared TD error averaged over real slots; the gradient norm is clipped (`marl.grad_clip`,
    over every parameter, as `torch.nn.utils.clip_grad_norm_`) and Adam steps (eq. 23 with
    Adam as the SGD method). With `sparse_head` (flat head only) the head's gradient holds
@@ -19,9 +21,9 @@
    sampled) updates those rows; the rest of the network keeps Adam. The optimisation is
    therefore written out in `training_step` (Lightning's manual optimisation).
 
-The target nets are synced every `target_update_epochs` epochs (Sec. III-D: "updated every
-several training epochs"); with 0 there is none and the next-slot value is the online nets'
-own (detached), read from the same unroll. Greedy evaluation is Lightning's validation: the batch is an
+The target nets (and the target mixer) are synced every `target_update_epochs` epochs
+(Sec. III-D: "updated every several training epochs"); with 0 there is none and the
+next-slot value is the online nets' own (detached), read from the same unroll. Greedy evaluation is Lightning's validation: the batch is an
 `Evaluation` that the learner plays with its greedy policy; every metric is logged as
 `eval_<metric>` (e.g. `eval_team_reward`) at that epoch.
 """
@@ -33,7 +35,7 @@ import copy
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from dntsync.env.actions import decode, encode, random_valid
 from dntsync.env.core import SlotState
@@ -123,10 +125,42 @@ class QPolicy:
         return actions
 
 
+class SumMixer(nn.Module):
+    """VDN's mixing: Q_tot = sum_m Q_m (eq. 19); no parameters."""
+
+    def forward(self, q: Tensor, state: Tensor) -> Tensor:
+        return q.sum(-1)
+
+
+class QMixer(nn.Module):
+    """QMIX's mixing network (Rashid et al. 2018): Q_tot = w2 . elu(W1 q + b1) + b2, with the
+    weights made by hypernetworks of the global state s_t and kept non-negative (absolute
+    values), so Q_tot is monotonic in every agent's Q and the joint greedy action is each
+    agent's own greedy action. `q[..., M]`, `state[..., S]` -> `[...]`."""
+
+    def __init__(self, n_agents: int, state_dim: int, embed: int = 32, hyper: int = 64) -> None:
+        super().__init__()
+        self.n_agents, self.embed = n_agents, embed
+        self.w1 = nn.Sequential(nn.Linear(state_dim, hyper), nn.ReLU(), nn.Linear(hyper, n_agents * embed))
+        self.b1 = nn.Linear(state_dim, embed)
+        self.w2 = nn.Sequential(nn.Linear(state_dim, hyper), nn.ReLU(), nn.Linear(hyper, embed))
+        self.b2 = nn.Sequential(nn.Linear(state_dim, embed), nn.ReLU(), nn.Linear(embed, 1))
+
+    def forward(self, q: Tensor, state: Tensor) -> Tensor:
+        w1 = self.w1(state).abs().unflatten(-1, (self.n_agents, self.embed))  # [..., M, E]
+        mixed = nn.functional.elu((q.unsqueeze(-2) @ w1).squeeze(-2) + self.b1(state))  # [..., E]
+        return (mixed * self.w2(state).abs()).sum(-1) + self.b2(state)[..., 0]
+
+
 class QLearner(pl.LightningModule):
-    """Recurrent multi-agent Q-learning; subclasses choose the mixing (`td_terms`)."""
+    """Recurrent multi-agent Q-learning; a subclass chooses the mixing of the agents' Q
+    (`make_mixer`: a module `(q[..., M], state[..., S]) -> Q_tot[...]` trained on the team
+    reward, or None: every agent on its own local reward)."""
 
     algo = "base"  # the registry name of a subclass
+
+    def make_mixer(self, n_agents: int, state_dim: int) -> nn.Module | None:
+        raise NotImplementedError
 
     def __init__(self, n_agents: int, obs_dim: int, n_users: int, *, hidden: int = 128,
                  head: str = "flat", sparse_head: bool = False, grad_clip: float = 10.0,
@@ -134,7 +168,7 @@ class QLearner(pl.LightningModule):
                  double_q: bool = True, target_update_epochs: int = 2,
                  epsilon_start: float = 1.0, epsilon_end: float = 0.05,
                  epsilon_decay_epochs: int = 50, exploration: str = "action",
-                 kernels: str = "c", user_dim: int = 3) -> None:
+                 kernels: str = "c", user_dim: int = 3, state_dim: int = 0) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False  # two optimisers with `sparse_head`: see training_step
@@ -142,6 +176,16 @@ class QLearner(pl.LightningModule):
                                  kernels, user_dim)  # theta_m
         self.target = copy.deepcopy(self.online)  # theta~_m
         self.target.requires_grad_(False)
+        self.mixer = self.make_mixer(n_agents, state_dim)
+        self.target_mixer = copy.deepcopy(self.mixer)
+        if self.target_mixer is not None:
+            self.target_mixer.requires_grad_(False)
+
+    def trained_parameters(self) -> list[nn.Parameter]:
+        """What the optimisers update and the gradient clip covers: the agents' nets, then
+        the mixer's (if it has any)."""
+        mixer = list(self.mixer.parameters()) if self.mixer is not None else []
+        return [*self.online.parameters(), *mixer]
 
     # ------------------------------------------------------------------ acting
     def epsilon(self, epoch: int) -> float:
@@ -160,10 +204,18 @@ class QLearner(pl.LightningModule):
     # ------------------------------------------------------------------ the update
     def td_terms(self, chosen_q: Tensor, next_q: Tensor,
                  batch: EpisodeBatch) -> tuple[Tensor, Tensor, Tensor]:
-        """`(Q, r, next value)` to regress `Q` on `r + gamma * next value`.
+        """`(Q, r, next value)` to regress `Q` on `r + gamma * next value`: per agent on the
+        local rewards without a mixer, else mixed on the team reward (the next slot's state
+        for the next value; after the last slot it is masked, so the last state stands in).
 
         `chosen_q` and `next_q` are per agent `[B, T, M]`."""
-        raise NotImplementedError
+        if self.mixer is None:
+            return chosen_q, batch.local_rewards, next_q
+        next_state = torch.cat([batch.state[:, 1:], batch.state[:, -1:]], dim=1)
+        bootstrap = self.mixer if self.hparams.target_update_epochs == 0 else self.target_mixer
+        with torch.no_grad():
+            next_value = bootstrap(next_q, next_state)
+        return self.mixer(chosen_q, batch.state), batch.team_reward, next_value
 
     def td_loss(self, batch: EpisodeBatch) -> Tensor:
         hp = self.hparams
@@ -200,7 +252,7 @@ class QLearner(pl.LightningModule):
         for opt in optimizers:
             opt.zero_grad()
         self.manual_backward(loss)
-        clip_grad_norm(list(self.online.parameters()), self.hparams.grad_clip)
+        clip_grad_norm(self.trained_parameters(), self.hparams.grad_clip)
         for opt in optimizers:
             opt.step()
         self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=batch.obs.shape[0])
@@ -213,6 +265,8 @@ class QLearner(pl.LightningModule):
         every = self.hparams.target_update_epochs
         if every and (self.current_epoch + 1) % every == 0:
             self.target.load_state_dict(self.online.state_dict())
+            if self.mixer is not None:
+                self.target_mixer.load_state_dict(self.mixer.state_dict())
 
     def validation_step(self, evaluation, batch_idx: int) -> None:
         results = evaluation(self.greedy_policy())
@@ -221,7 +275,7 @@ class QLearner(pl.LightningModule):
 
     def configure_optimizers(self):
         sparse = {id(p) for p in self.online.sparse_parameters()}
-        dense = [p for p in self.online.parameters() if id(p) not in sparse]
+        dense = [p for p in self.trained_parameters() if id(p) not in sparse]
         # fused: one kernel over all parameters (without sparse_head the flat heads hold
         # 2^(U+1) x h weights each)
         optimizers = [torch.optim.Adam(dense, lr=self.hparams.lr, fused=True)]
@@ -237,8 +291,18 @@ class VDN(QLearner):
 
     algo = "vdn"
 
-    def td_terms(self, chosen_q, next_q, batch):
-        return chosen_q.sum(-1), batch.team_reward, next_q.sum(-1)
+    def make_mixer(self, n_agents, state_dim):
+        return SumMixer()
+
+
+class QMIX(QLearner):
+    """QMIX: Q_tot = QMixer(Q_1..Q_M; s_t) regressed on the team reward; the joint max is the
+    agents' own maxima (the mixing is monotonic), so acting stays decentralised."""
+
+    algo = "qmix"
+
+    def make_mixer(self, n_agents, state_dim):
+        return QMixer(n_agents, state_dim)
 
 
 class IQL(QLearner):
@@ -246,8 +310,8 @@ class IQL(QLearner):
 
     algo = "iql"
 
-    def td_terms(self, chosen_q, next_q, batch):
-        return chosen_q, batch.local_rewards, next_q
+    def make_mixer(self, n_agents, state_dim):
+        return None
 
 
-LEARNERS: dict[str, type[QLearner]] = {"vdn": VDN, "iql": IQL}
+LEARNERS: dict[str, type[QLearner]] = {"vdn": VDN, "iql": IQL, "qmix": QMIX}

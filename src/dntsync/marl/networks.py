@@ -1,4 +1,4 @@
-"""The Q network of each BS (Sec. III-C, item 6; SPEC.md "Learning"), no parameter sharing.
+"""The Q network of each BS (Sec. III-C, item 6; docs/model.md "Learning"), no parameter sharing.
 
     o_t^m -> Linear(h) -> ReLU -> GRUCell(h) -> head -> Q_{theta_m}(o_t^m, a),  a in [0, 2^(U+1))
 

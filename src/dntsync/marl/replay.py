@@ -58,6 +58,7 @@ class EpisodeBatch:
     local_rewards: Tensor  # [B, T, M] r^m, eq. (37)
     terminated: Tensor  # [B, T] 1.0 where the episode ended after slot t (no bootstrap)
     filled: Tensor  # [B, T] 1.0 on real slots, 0.0 on padding
+    state: Tensor  # [B, T, S] the global state s_t (`DntEnv.global_state`; QMIX's mixer)
 
 
 class EpisodeReplay:
@@ -85,6 +86,7 @@ class EpisodeReplay:
             "local_rewards": episodes.local_rewards.astype(np.float32),
             "terminated": episodes.terminated.astype(np.float32),
             "filled": np.ones((n, horizon), dtype=np.float32),  # episodes have exactly T slots
+            "state": episodes.state.astype(np.float32),
         }
         if not self.arrays:
             self.arrays = {k: np.zeros((self.capacity, *v.shape[1:]), dtype=v.dtype)

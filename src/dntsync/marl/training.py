@@ -56,14 +56,16 @@ warnings.filterwarnings("ignore", ".*Checkpoint directory .* exists and is not e
 
 
 # ---------------------------------------------------------------------- building blocks
-def build_learner(cfg: Config, algo: str, obs_dim: int, user_dim: int = 3) -> QLearner:
+def build_learner(cfg: Config, algo: str, env: DntEnv) -> QLearner:
     mc = cfg.marl
     return LEARNERS[algo](
-        n_agents=cfg.scenario.n_bs, obs_dim=obs_dim, n_users=cfg.scenario.n_users,
-        hidden=mc.hidden, head=mc.head, sparse_head=mc.sparse_head, grad_clip=mc.grad_clip, gamma=mc.gamma, lr=mc.lr, double_q=mc.double_q,
+        n_agents=env.n_agents, obs_dim=env.obs_dim, n_users=env.scenario.n_users,
+        hidden=mc.hidden, head=mc.head, sparse_head=mc.sparse_head, grad_clip=mc.grad_clip,
+        gamma=mc.gamma, lr=mc.lr, double_q=mc.double_q,
         target_update_epochs=mc.target_update_epochs, epsilon_start=mc.epsilon_start,
         epsilon_end=mc.epsilon_end, epsilon_decay_epochs=mc.epsilon_decay_epochs,
-        exploration=mc.exploration, kernels=mc.kernels, user_dim=user_dim,
+        exploration=mc.exploration, kernels=mc.kernels, user_dim=env.user_dim,
+        state_dim=env.state_dim,
     )
 
 
@@ -281,7 +283,7 @@ def fit_marl(cfg: Config, *, algo: str | None = None, seed: int | None = None,
         raise ValueError(f"algo = {algo!r} is invalid: choose from {sorted(LEARNERS)}")
     cfg = dataclasses.replace(cfg, seed=seed, marl=dataclasses.replace(cfg.marl, algo=algo))
     if predictor is None:
-        from dntsync.stages.common import build_predictor  # the stages' predictor factory
+        from dntsync.twin.predictor import build_predictor  # the twin layer: only when used
 
         predictor = build_predictor(cfg)
     predictor_model, predictor_description = predictor
@@ -289,7 +291,7 @@ def fit_marl(cfg: Config, *, algo: str | None = None, seed: int | None = None,
 
     pl.seed_everything(seed, workers=False, verbose=False)  # initial weights
     data = build_data(cfg, predictor_model, seed)
-    learner = build_learner(cfg, algo, data.env.obs_dim, data.env.user_dim)
+    learner = build_learner(cfg, algo, data.env)
     recorder = EpochRecorder()
     all_callbacks: list = [recorder, *(callbacks or [])]
     paths = RunPaths.of(cfg, algo, seed)

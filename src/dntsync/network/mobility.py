@@ -1,6 +1,6 @@
 """User mobility, eq. (1): a random walk with per-user move probabilities p_u.
 
-SPEC.md readings: p_u ~ Dirichlet(1,...,1) over (stay, +y, -y, -x, +x), drawn once per
+docs/model.md readings: p_u ~ Dirichlet(1,...,1) over (stay, +y, -y, -x, +x), drawn once per
 scenario from the scenario seed, so users keep their habits across episodes; initial positions
 are uniform in the area; a move that would leave the area leaves the user where it is.
 All functions take a leading batch axis: positions are `[..., U, 2]`.

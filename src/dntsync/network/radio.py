@@ -1,6 +1,6 @@
 """Channel, rates and upload delay: eqs. (2)-(6).
 
-SPEC.md readings: d is the Euclidean distance clamped below at `min_distance`; the gain is
+docs/model.md readings: d is the Euclidean distance clamped below at `min_distance`; the gain is
 h = o * d^-2 with o ~ Exp(1) (Rayleigh power fading) drawn independently for every
 (user, BS) and (BS, cloud) link each slot; interference on RB n is the received power of
 every *other* BS that uses RB n, for a user or for an upload (eqs. 3, 5).

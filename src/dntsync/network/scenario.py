@@ -1,6 +1,6 @@
 """The physical scenario: geometry, radio constants and reward weights (paper Sec. V, Table II).
 
-`Scenario()` with no arguments is SPEC.md's default; keyword overrides give any other one
+`Scenario()` with no arguments is docs/model.md's default; keyword overrides give any other one
 (`Scenario(n_users=6, n_rbs=9)`). It validates itself on construction, so a bad value fails
 before any work is done, naming the field, the value and what is allowed.
 """

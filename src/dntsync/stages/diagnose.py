@@ -15,33 +15,12 @@ from pathlib import Path
 
 from dntsync.config import Config
 from dntsync.files import write_json
+from dntsync.marl.diagnose import diagnose_model
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="a Q-network file of train-marl")
     parser.add_argument("--out", default=None, help="also write the numbers to this JSON file")
-
-
-def diagnose_model(cfg: Config, path: Path) -> dict:
-    """The diagnosis of one saved model on `cfg`'s evaluation episodes (see the module doc);
-    "warning" says when `cfg`'s predictor differs from the one the model was trained with."""
-    from dntsync.env.evaluate import Evaluation
-    from dntsync.marl.diagnose import diagnose
-    from dntsync.marl.training import load_q_networks
-    from dntsync.stages.common import build_predictor
-
-    learner, trained = load_q_networks(path, cfg)
-    algo = trained["algo"]
-    predictor, description = build_predictor(cfg)
-    mc = cfg.marl
-    evaluation = Evaluation(cfg.scenario, predictor, mc.eval_episodes, mc.eval_seed,
-                            **cfg.env.observation_options())
-    warning = None
-    if trained.get("predictor") != description:
-        warning = (f"{path} was trained with predictor {trained.get('predictor')!r}, played here "
-                   f"with {description!r}: pass the same --set/--config as its training")
-    return {"model": str(path), "algo": algo, "predictor": description, "warning": warning,
-            **diagnose(learner, evaluation)}
 
 
 def run(cfg: Config, args) -> int:

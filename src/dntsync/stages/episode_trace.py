@@ -19,9 +19,8 @@ from dntsync.env.evaluate import as_episode_policy, rollout
 from dntsync.env.policies import baseline_policies
 from dntsync.errors import UserError
 from dntsync.files import write_json
-from dntsync.stages.common import build_predictor
-from dntsync.stages.headline import write_episode
-from dntsync.stages.sweep import point_config, sweep_points
+from dntsync.stages.common import point_config, sweep_points, write_episode
+from dntsync.twin.predictor import build_predictor
 
 OUT = Path("metrics/fig6_episode.json")
 

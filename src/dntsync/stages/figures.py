@@ -53,9 +53,9 @@ def episode_rows(trace: dict) -> list[dict]:
 
 def run(cfg: Config, args) -> int:
     curves = {a: sorted((Path(cfg.marl.metrics_dir) / "curves").glob(f"marl_{a}_seed*.csv"))
-              for a in cfg.sweeps.algos}
+              for a in cfg.sweeps.fig3_algos}
     # the setting and the references (same evaluation episodes for every run) of one run
-    summary = Path(cfg.marl.metrics_dir) / f"marl_{cfg.sweeps.algos[0]}_seed{cfg.marl.seeds[0]}.json"
+    summary = Path(cfg.marl.metrics_dir) / f"marl_{cfg.sweeps.fig3_algos[0]}_seed{cfg.marl.seeds[0]}.json"
     inputs = [summary, METRICS / "sweep_fig4.json", METRICS / "sweep_fig5.json",
               METRICS / "fig6_episode.json"]
     missing = [str(p) for p in inputs if not p.exists()]

@@ -66,7 +66,7 @@ def materialise(root: Path, profile: Path, dest: Path) -> Path:
 
 def matrix_stages(cfg: Config) -> list[str]:
     """The `train_marl` matrix of dvc.yaml: one stage per algorithm and seed."""
-    return [f"train_marl@{a}-{s}" for a in cfg.sweeps.algos for s in cfg.marl.seeds]
+    return [f"train_marl@{a}-{s}" for a in cfg.sweeps.fig3_algos for s in cfg.marl.seeds]
 
 
 LOGS = Path("logs/pipeline")  # one file per parallel stage: its output, not the console's

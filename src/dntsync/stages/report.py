@@ -227,12 +227,12 @@ def wall_times(twin, marl, fig4, fig5) -> list[str]:
 def diagnosis_table(cfg: Config) -> list[str]:
     """Whom each BS serves in the first seed's Fig. 3 models (`dntsync diagnose-learner`),
     beside the fixed `outer-only` and `all-but-overlap` policies; docs/learners.md explains."""
-    from dntsync.stages.diagnose import diagnose_model
+    from dntsync.marl.diagnose import diagnose_model
 
     rows = ["| model | BS: serves single-covered / overlap users (— : none such) | team reward | command |",
             "|---|---|---|---|"]
     references: dict = {}
-    for algo in cfg.sweeps.algos:
+    for algo in cfg.sweeps.fig3_algos:
         path = Path(cfg.marl.model_dir) / f"{algo}_seed{cfg.marl.seeds[0]}.ckpt"
         if not path.exists():
             continue
@@ -258,7 +258,7 @@ def paper_results(cfg: Config) -> tuple | None:
     if os.environ.get("DNTSYNC_PROFILE") or not folder.is_dir():
         return None
     marl = {}
-    for algo in cfg.sweeps.algos:
+    for algo in cfg.sweeps.fig3_algos:
         paths = sorted((folder / "marl").glob(f"marl_{algo}_seed*.json"),
                        key=lambda p: int(p.stem.rsplit("seed", 1)[1]))
         if paths:
@@ -279,7 +279,7 @@ def build(cfg: Config) -> str:
     twin = load("twin.json")
     from dntsync.marl.training import seed_summary
 
-    marl = {a: r for a in cfg.sweeps.algos if (r := seed_summary(cfg, a)) is not None}
+    marl = {a: r for a in cfg.sweeps.fig3_algos if (r := seed_summary(cfg, a)) is not None}
     fig4, fig5, fig6 = load("sweep_fig4.json"), load("sweep_fig5.json"), load("fig6_episode.json")
     first = next(iter(marl.values()), {})
     lines = ["# Results", "",

@@ -1,4 +1,5 @@
-"""Training runs in parallel worker processes, shared by `train-marl --all` and `sweep`.
+"""Training runs in parallel worker processes, shared by `train-learners` and `sweep` (a
+helper of the stages, as `dntsync.stages.common`; not a stage).
 
 A job is ("twin", config) or ("marl", config, algo, seed); configs travel as plain dicts.
 A finished learner run is found by its metrics file (same config) and not repeated; an
@@ -31,7 +32,7 @@ def _worker_init() -> None:
 def train_point_twin(cfg: Config, where: dict | None = None) -> dict:
     """The point's data set and GRU twin (skipped when its checkpoint is already there)."""
 
-    from dntsync.stages.generate import make_dataset
+    from dntsync.network.dataset import make_dataset
     from dntsync.twin.training import fit_twin
 
     if not (Path(cfg.twin.checkpoint).exists() and Path(cfg.twin.metrics).exists()):

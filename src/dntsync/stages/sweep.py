@@ -14,70 +14,21 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from dntsync.config import Config, SweepConfig, apply_overrides, to_plain
+from dntsync.config import Config, SweepConfig, to_plain
 from dntsync.files import write_json
-from dntsync.network.scenario import MOBILITY_KEYS
-from dntsync.stages.headline import SUMMARY, write_sweep
+from dntsync.stages.common import SUMMARY, Point, needs_own_twin, point_config, sweep_points, write_sweep
 from dntsync.stages.runs import run_jobs
 from dntsync.tracking import prepare_store
 
 SWEEPS = ("fig4", "fig5")
-RUNS_DIR = Path("runs")
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("sweep", choices=SWEEPS, help="which figure's sweep to run")
-
-
-@dataclass(frozen=True)
-class Point:
-    """One x value of a sweep and every override that makes its config."""
-
-    sweep: str
-    key: str  # the dotted config key on the x axis
-    value: int | float
-    overrides: tuple[str, ...]
-
-    @property
-    def label(self) -> str:
-        return f"{self.key.split('.')[-1]}={self.value}"
-
-    @property
-    def directory(self) -> Path:
-        return RUNS_DIR / self.sweep / self.label
-
-
-def sweep_points(cfg: Config, sweep: str) -> list[Point]:
-    spec: SweepConfig = getattr(cfg.sweeps, sweep)
-    return [Point(sweep, spec.key, v, (*spec.fixed, f"{spec.key}={v}")) for v in spec.values]
-
-
-def needs_own_twin(base: Config, point_cfg: Config) -> bool:
-    """Whether the point's users move differently from the base scenario's (so the base twin,
-    trained on the base users, does not apply)."""
-    return base.env.predictor == "gru" and any(
-        getattr(base.scenario, k) != getattr(point_cfg.scenario, k) for k in MOBILITY_KEYS)
-
-
-def point_config(base: Config, point: Point) -> Config:
-    """The point's config: its overrides, its own output folders, its own twin if needed."""
-    d = point.directory
-    overrides = [*point.overrides, f"marl.model_dir={d}/models", f"marl.metrics_dir={d}/metrics",
-                 f"marl.checkpoint_dir={d}/checkpoints",
-                 f"marl.eval_every={base.sweeps.eval_every or base.marl.epochs}"]
-    cfg = apply_overrides(base, overrides)
-    if needs_own_twin(base, cfg):
-        cfg = apply_overrides(cfg, [f"data.path={d}/twin/trajectories.npz",
-                                    f"twin.checkpoint={d}/twin/twin.ckpt",
-                                    f"twin.metrics={d}/twin/twin.json",
-                                    f"twin.figure={d}/twin/fig2.png",
-                                    f"env.twin_checkpoint={d}/twin/twin.ckpt"])
-    return cfg
 
 
 # ---------------------------------------------------------------------- aggregation

@@ -1,4 +1,4 @@
-"""Train every learner of `sweeps.algos` with every seed of `marl.seeds`, in parallel.
+"""Train every learner of `sweeps.fig3_algos` with every seed of `marl.seeds`, in parallel.
 
 The Fig. 3 setting in one command, outside DVC: the same runs as the pipeline's
 `train_marl@<A>-<S>` stages (`dntsync train-marl --algo A --seed S` for each (A, S)), spread
@@ -19,10 +19,10 @@ def run(cfg: Config, args) -> int:
     from dntsync.marl.training import write_summary
 
     prepare_store(cfg)
-    keys = [(a, s) for a in cfg.sweeps.algos for s in cfg.marl.seeds]
+    keys = [(a, s) for a in cfg.sweeps.fig3_algos for s in cfg.marl.seeds]
     reports = run_jobs([("marl", to_plain(cfg), a, s) for a, s in keys], cfg.sweeps.workers,
                        "learners")
-    for algo in cfg.sweeps.algos:
+    for algo in cfg.sweeps.fig3_algos:
         summary = write_summary(cfg, algo, [r for (a, _), r in zip(keys, reports) if a == algo])
         print(f"{algo}: eval team reward {summary['eval_team_reward']:.3f} "
               f"(std over seeds {summary['eval_team_reward_std_over_seeds']:.3f}); wrote "

@@ -1,6 +1,6 @@
-"""Train the BSs' Q networks with VDN or IQL (Sec. III-C/D, Alg. 2; eq. 37) and evaluate them.
+"""Train the BSs' Q networks with VDN, IQL or QMIX (Sec. III-C/D, Alg. 2; eq. 37) and evaluate them.
 
-`dntsync train-marl --algo vdn|iql [--seed S]`. Greedy evaluation on fixed evaluation
+`dntsync train-marl --algo vdn|iql|qmix [--seed S]`. Greedy evaluation on fixed evaluation
 episodes (seeds `marl.eval_seed + i`) every `marl.eval_every` epochs and at the end, beside
 every baseline (random, nearest-BS always / never / every k, the myopic oracle), tracked in
 MLflow (experiment `<prefix>-marl`, one run per seed). The twin's predictor is the one of
@@ -16,12 +16,12 @@ run's resumable state is deleted.
 
 from __future__ import annotations
 
-from dntsync.config import Config
-from dntsync.stages.headline import write_learner
+from dntsync.config import ALGOS, Config
+from dntsync.stages.common import write_learner
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--algo", choices=["vdn", "iql"], help="default: marl.algo")
+    parser.add_argument("--algo", choices=ALGOS, help="default: marl.algo")
     parser.add_argument("--seed", type=int, help="one training seed (default: every marl.seeds)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 
 from dntsync.config import Config, ConfigError
-from dntsync.stages.headline import write_twin
+from dntsync.stages.common import write_twin
 
 
 def add_arguments(parser) -> None:

@@ -2,7 +2,8 @@
 
 - `model`: `GruTwin`, eqs. (9)-(13) with `torch.nn.GRU`, and `twin_loss`, eq. (14) (torch only).
 - `checkpoint`: `save_twin` / `load_twin`, a plain dict read with `weights_only=True`.
-- `predictor`: `GruPredictor`, the twin in the environment's predictor slot.
+- `predictor`: `GruPredictor`, the twin in the environment's predictor slot, and
+  `build_predictor`, the predictor a config names.
 - `data`, `module`, `training`, `evaluation`, `figure` (Lightning; import them directly):
   the windowed data set, the LightningModule with self-feeding, `fit_twin`, the test report
   against the Bayes floor, and Fig. 2.
@@ -13,7 +14,7 @@ importing Lightning.
 
 from dntsync.twin.checkpoint import TwinCheckpointError, load_twin, save_twin
 from dntsync.twin.model import GruTwin, Scaler, twin_loss
-from dntsync.twin.predictor import GruPredictor
+from dntsync.twin.predictor import GruPredictor, build_predictor
 
-__all__ = ["GruPredictor", "GruTwin", "Scaler", "TwinCheckpointError", "load_twin", "save_twin",
-           "twin_loss"]
+__all__ = ["GruPredictor", "GruTwin", "Scaler", "TwinCheckpointError", "build_predictor", "load_twin",
+           "save_twin", "twin_loss"]

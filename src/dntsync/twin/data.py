@@ -3,7 +3,7 @@
 A sample is (context, target, t): `context[L, U, 2]` = the true statuses s_{t-L+1..t},
 `target[U, 2]` = s_{t+1}, for every slot t = 0..T-1 of every trajectory of a split. Windows
 reaching before the start of a trajectory are padded with s_0 repeated, as the environment's
-DNT history is at episode start (SPEC.md). The model's input is the last K statuses of the
+DNT history is at episode start (docs/model.md). The model's input is the last K statuses of the
 context; a longer context (L = K + self_feeding_max_steps) leaves room for the self-fed
 rollout (`GruTwin.self_fed_windows`).
 """
@@ -22,6 +22,8 @@ from dntsync.config import Config
 from dntsync.network.scenario import ConfigError
 
 SPLITS = ("train", "val", "test")
+
+
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The GRU twin, eqs. (9)-(13), and its loss, eq. (14). Plain torch: no Lightning here, so the
 environment can load a twin without importing the training stack.
 
-Readings (SPEC.md "Twin"; the paper gives the equations only):
+Readings (docs/model.md "Twin"; the paper gives the equations only):
 - Input: the last K DNT statuses s-bar_{t-K+1..t}, each the 2U coordinates of all users,
   scaled by the area: (s - area centre) / area half-extent, so every input lies in [-1, 1].
 - The recurrence (9)-(12) is `torch.nn.GRU` with N^h units, run from h = 0 over the K inputs.

@@ -1,4 +1,5 @@
-"""The GRU twin in the environment's predictor slot (`dntsync.env.predictors.Predictor`)."""
+"""The GRU twin in the environment's predictor slot (`dntsync.env.predictors.Predictor`), and
+`build_predictor`: the predictor a config names (the twin, or a physics rule)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dntsync.config import Config
+from dntsync.env.predictors import Predictor, physics_predictor
+from dntsync.errors import UserError
 from dntsync.network.scenario import Scenario
 from dntsync.twin.checkpoint import load_twin
 from dntsync.twin.model import GruTwin
@@ -40,3 +44,26 @@ class GruPredictor:
         with torch.inference_mode():
             s_hat = self.net(torch.from_numpy(history.astype(np.float32, copy=False)))
         return s_hat.numpy().astype(history.dtype, copy=False)
+
+
+def build_predictor(cfg: Config) -> tuple[Predictor, str]:
+    """The predictor named by `env.predictor`, and a description for the run's params.
+
+    "gru" loads `env.twin_checkpoint` (`dntsync.twin.GruPredictor.load`); if the checkpoint
+    is missing, `env.predictor_fallback` is used instead and the description says so, or,
+    with fallback "none", the run fails before any work.
+    """
+    name = cfg.env.predictor
+    window = cfg.twin.window
+    if name != "gru":
+        return physics_predictor(name, cfg.scenario, window), name
+    path = Path(cfg.env.twin_checkpoint)
+    if path.exists():
+        return GruPredictor.load(path, scenario=cfg.scenario, window=window), f"gru:{path}"
+    fallback = cfg.env.predictor_fallback
+    if fallback == "none":
+        raise UserError(
+            f"env.twin_checkpoint = {str(path)!r} does not exist; run `dntsync train-twin` first "
+            f"or set env.predictor to 'drift' or 'hold-last'"
+        )
+    return physics_predictor(fallback, cfg.scenario, window), f"{fallback} (no twin at {path})"
