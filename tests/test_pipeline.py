@@ -187,7 +187,7 @@ def test_mlflow_runs_tell_themselves_apart_and_carry_their_models(project):
     obs_dim = policy.nets.agents[0].encoder.in_features
     assert policy(torch.zeros(2, 3, 3, obs_dim)).shape == (2, 3, 3)
     registered = {m.name for m in client.search_registered_models()}
-    assert registered == {"dntsync-vdn", "dntsync-iql", "dntsync-twin"}
+    assert registered == {*(f"dntsync-{a}" for a in FIG3_ALGOS), "dntsync-twin"}
     [twin] = [r for r in mlflow.search_runs(experiment_names=["dntsync-twin"], output_format="list")
               if r.info.run_name == "twin"]
     assert twin.inputs.dataset_inputs[0].dataset.source  # the data set is the run's input
