@@ -88,9 +88,10 @@ class DntEnv:
         self.observation = observation
         self.move_probs = move_probabilities(scenario)
         self.obs_frame = obs_frame
+        self._area_center = (scenario.area_low + scenario.area_high) / 2
+        self._area_half = (scenario.area_high - scenario.area_low) / 2
         if obs_frame == "area":  # [1 or M, 2]: broadcast over the BSs
-            self._center = ((scenario.area_low + scenario.area_high) / 2)[None]
-            self._half = ((scenario.area_high - scenario.area_low) / 2)[None]
+            self._center, self._half = self._area_center[None], self._area_half[None]
         else:
             self._center = np.asarray(scenario.bs_positions, dtype=np.float64)
             self._half = np.full_like(self._center, scenario.coverage_radius)
@@ -166,19 +167,20 @@ class DntEnv:
             others = (st.covered.sum(-2, keepdims=True) - st.covered) / max(1, n_bs - 1)
             per_user[..., 3 + self.user_features.index("others")] = np.where(st.covered, others, 0.0)
         if self.observation == "full":
-            obs[..., -2] = self._last_ok
-            obs[..., -1] = np.minimum(self._since_ok / self.scenario.episode_length, 1.0)
+            obs[..., -2], obs[..., -1] = self._upload_numbers()
         return obs
+
+    def _upload_numbers(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each BS's `[B, M]` last upload outcome and slots since its last success, / T, capped at 1."""
+        return self._last_ok, np.minimum(self._since_ok / self.scenario.episode_length, 1.0)
 
     def global_state(self) -> np.ndarray:
         """The global state s_t of the slot, `[B, state_dim]` float32 (what a centralised
         mixer may read in training, never a BS): every user's position in the area's frame,
         then each BS's two upload numbers (last upload succeeded, slots since, / T)."""
-        sc = self.scenario
-        center, half = (sc.area_low + sc.area_high) / 2, (sc.area_high - sc.area_low) / 2
-        xy = (self.state.user_xy - center) / half  # [B, U, 2]
-        since = np.minimum(self._since_ok / sc.episode_length, 1.0)
-        return np.concatenate([xy.reshape(self.n_envs, -1), self._last_ok, since], axis=-1).astype(np.float32)
+        xy = (self.state.user_xy - self._area_center) / self._area_half  # [B, U, 2]
+        return np.concatenate([xy.reshape(self.n_envs, -1), *self._upload_numbers()],
+                              axis=-1).astype(np.float32)
 
     def step(self, actions: np.ndarray) -> StepResult:
         """Apply `actions[B, M]` (integers in [0, 2^(U+1))); masked bits are dropped."""
