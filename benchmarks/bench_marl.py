@@ -19,12 +19,9 @@ Setting: docs/model.md's default scenario (U = 12, M = 3, N = 12, T = 30), `conf
    variant runs in a fresh subprocess; peak memory is the process's peak RSS minus its RSS
    just before the first update (so it counts activations, gradients and optimiser state
    created by training, not the imports).
-4. **masked max**: the double-Q argmax over the next slot's valid actions of all BSs: the
-   torch versions in one grouping (`flat_masked_max`) vs once per BS, and the C kernel
-   (`marl.kernels: c`, what an update runs by default).
-5. **kernels**: `marl.kernels: c` against `torch`, back to back in one process (A, B, A,
-   B, ...): one training update, one acting step's masked max (32 environments), and a
-   15-epoch default training run (`fit_marl`, outputs and MLflow off).
+4. **masked max**: the flat head's double-Q argmax over the next slot's valid actions of
+   all BSs: the rows of all BSs in one grouping (`flat_masked_max`, what `td_loss` runs) vs
+   once per BS.
 
 Each timing is the median of several repeats (the machine may be shared). Writes
 `benchmarks/results/marl.json`.
@@ -65,7 +62,7 @@ def _peak_rss_mb() -> float:
 
 
 # ---------------------------------------------------------------------- building blocks
-# The flat head (the paper profile's), which the C masked max and the kernels section time.
+# The flat head (the paper profile's), which the masked max section times.
 FLAT = ["marl.head=flat"]
 
 
@@ -295,70 +292,8 @@ def bench_masked_max(repeats: int) -> dict:
         x = hidden.reshape(-1, 3, hidden.shape[-1]).transpose(0, 1)  # [M, R, h]
         cov = batch.covered[:, 1:].reshape(-1, 3, batch.covered.shape[-1]).transpose(0, 1)
         grouped = median_ms(lambda: flat_masked_max(heads, x, cov))
-        _set_kernels(learner.online, "torch")
         per_head = median_ms(lambda: [h.masked_max(x[m], cov[m]) for m, h in enumerate(heads)])
-        _set_kernels(learner.online, "c")
-        kernel = median_ms(lambda: [h.masked_max(x[m], cov[m]) for m, h in enumerate(heads)])
-    return {"all_agents_grouped_ms": grouped, "per_head_ms": per_head,
-            "speed_up": per_head / grouped, "c_kernel_ms": kernel,
-            "c_kernel_speed_up_vs_grouped": grouped / kernel}
-
-
-def _set_kernels(nets, kernels: str) -> None:
-    """Switch a learner's nets between the C kernels and torch ops (`marl.kernels`)."""
-    nets.kernels = kernels
-    for agent in nets.agents:
-        agent.head.kernels = kernels
-
-
-# ---------------------------------------------------------------------- 5. kernels
-def bench_kernels(repeats: int) -> dict:
-    """`marl.kernels: c` vs `torch`, alternated so that both see the same machine load."""
-    import tempfile
-
-    from dntsync.config import load_config
-    from dntsync.marl.learners import QPolicy
-    from dntsync.marl.training import fit_marl
-
-    cfg, data, learner = _setup(FLAT)
-    for epoch in range(4):
-        data.collect(epoch)
-    times: dict[str, dict[str, list[float]]] = {"update_ms": {}, "acting_masked_max_ms": {},
-                                                  "run_15_epochs_s": {}}
-    batch = data.replay.sample(16, np.random.default_rng(0))
-    policy = QPolicy(learner.online)
-    covered = torch.as_tensor(batch.covered[:, 3])  # one slot of 16 episodes, twice: 32 envs
-    covered = torch.cat([covered, torch.as_tensor(batch.covered[:, 20])])
-    hidden = torch.randn(len(covered), covered.shape[1], learner.online.hidden)
-    for _ in range(repeats):
-        for kernels in ("c", "torch"):
-            for nets in (learner.online, learner.target):
-                _set_kernels(nets, kernels)
-            upd = _update_times(learner, data, cfg.marl.batch_size, 5, cfg.marl.grad_clip)
-            times["update_ms"].setdefault(kernels, []).append(1e3 * upd["update_s"])
-            with torch.no_grad():
-                policy.nets.masked_max(hidden, covered)
-                t = time.perf_counter()
-                for _ in range(20):
-                    policy.nets.masked_max(hidden, covered)
-            times["acting_masked_max_ms"].setdefault(kernels, []).append(
-                1e3 * (time.perf_counter() - t) / 20)
-    for _ in range(2):
-        for kernels in ("c", "torch"):
-            with tempfile.TemporaryDirectory() as tmp:
-                run_cfg = load_config("conf/params.yaml", [
-                    "env.predictor=hold-last", "marl.epochs=15", f"marl.kernels={kernels}", *FLAT,
-                    f"marl.model_dir={tmp}/m", f"marl.metrics_dir={tmp}/x",
-                    f"marl.checkpoint_dir={tmp}/c"])
-                t = time.perf_counter()
-                fit_marl(run_cfg, algo="vdn", seed=0, enable_progress_bar=False,
-                         log_mlflow=False, write_outputs=False)
-                times["run_15_epochs_s"].setdefault(kernels, []).append(time.perf_counter() - t)
-    out = {}
-    for what, by in times.items():
-        med = {k: float(np.median(v)) for k, v in by.items()}
-        out[what] = {**med, "torch_over_c": med["torch"] / med["c"], "all": by}
-    return out
+    return {"all_agents_grouped_ms": grouped, "per_head_ms": per_head, "speed_up": per_head / grouped}
 
 
 def main() -> None:
@@ -382,8 +317,6 @@ def main() -> None:
     print("updates", json.dumps(results["updates"], indent=1), flush=True)
     results["masked_max"] = bench_masked_max(max(args.repeats, 20))
     print("masked max", json.dumps(results["masked_max"], indent=1), flush=True)
-    results["kernels"] = bench_kernels(args.repeats)
-    print("kernels", json.dumps(results["kernels"], indent=1), flush=True)
     results["heads"] = bench_heads(args.repeats, args.threads)
     if not args.skip_full_run:
         results["full_run"] = bench_full_run("vdn")

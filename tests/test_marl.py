@@ -37,14 +37,9 @@ def tiny_config(tmp_path: Path, **marl) -> object:
 
 
 # ---------------------------------------------------------------------- heads and masks
-@pytest.mark.parametrize("ragged_max_rows", [0, 256])  # flat head: by pattern / row by row
 @pytest.mark.parametrize("n_users", [3, 6])
 @pytest.mark.parametrize("head_cls", [FlatHead, FactorisedHead, BranchingHead])
-def test_masked_max_equals_full_matmul_over_valid_actions(head_cls, n_users, ragged_max_rows,
-                                                           monkeypatch):
-    import dntsync.marl.networks as networks
-
-    monkeypatch.setattr(networks, "RAGGED_MAX_ROWS", ragged_max_rows)
+def test_masked_max_equals_full_matmul_over_valid_actions(head_cls, n_users):
     torch.manual_seed(0)
     head = head_cls(8, n_users, user_dim=4)
     x = torch.randn(64, 8)
@@ -66,21 +61,17 @@ def test_masked_max_equals_full_matmul_over_valid_actions(head_cls, n_users, rag
     assert (valid_mask(covered).numpy() == action_mask(covered.numpy()).astype(bool)).all()
 
 
-def test_flat_head_chunked_and_ragged_paths_are_the_same(monkeypatch):
+def test_flat_head_masked_max_in_chunks_is_the_same(monkeypatch):
     import dntsync.marl.networks as networks
 
     torch.manual_seed(2)
     head = FlatHead(8, 5)
     x, covered = torch.randn(40, 8), torch.rand(40, 5) < 0.6
     with torch.no_grad():
-        monkeypatch.setattr(networks, "RAGGED_MAX_ROWS", 0)  # the by-pattern path
         whole = head.masked_max(x, covered)
         monkeypatch.setattr(networks, "GATHER_BUDGET", 1)  # one pattern per chunk
         chunked = head.masked_max(x, covered)
-        monkeypatch.setattr(networks, "RAGGED_MAX_ROWS", 256)  # row by row
-        ragged = head.masked_max(x, covered)
     assert torch.equal(whole[1], chunked[1]) and torch.allclose(whole[0], chunked[0])
-    assert torch.equal(whole[1], ragged[1]) and torch.allclose(whole[0], ragged[0])
 
 
 def test_flat_head_never_picks_an_invalid_action_even_with_a_huge_q():
@@ -114,16 +105,22 @@ def test_flat_masked_max_of_all_agents_at_once_equals_each_head_alone(monkeypatc
 
 
 def _reference_unroll(nets, obs: torch.Tensor) -> torch.Tensor:
-    """Each agent's own `nn.GRUCell`, slot by slot (`AgentQNet.unroll`): `[B, T, M, h]`."""
-    return torch.stack([net.unroll(obs[:, :, m]) for m, net in enumerate(nets.agents)], dim=2)
+    """Each agent's own encoder and `nn.GRUCell`, slot by slot: `[B, T, M, h]`."""
+    per_agent = []
+    for m, net in enumerate(nets.agents):
+        state, states = obs.new_zeros(obs.shape[0], net.hidden), []
+        for t in range(obs.shape[1]):
+            state = net.cell(torch.relu(net.encoder(obs[:, t, m])), state)
+            states.append(state)
+        per_agent.append(torch.stack(states, dim=1))
+    return torch.stack(per_agent, dim=2)
 
 
-@pytest.mark.parametrize("kernels", ["c", "torch"])
-def test_stacked_unroll_equals_each_agents_gru_cell_with_the_same_gradients(kernels):
+def test_stacked_unroll_equals_each_agents_gru_cell_with_the_same_gradients():
     from dntsync.marl.networks import AgentQNets
 
     torch.manual_seed(5)
-    online = AgentQNets(3, 7, 16, 4, kernels=kernels)
+    online = AgentQNets(3, 7, 16, 4)
     obs = torch.randn(5, 6, 3, 7)
     hidden = online.unroll(obs)
     torch.testing.assert_close(hidden, _reference_unroll(online, obs))

@@ -228,10 +228,6 @@ class MarlConfig:
     # flat head: update only the rows of the sampled actions (SparseAdam, "lazy" Adam) instead
     # of all 2^(U+1) rows every update; the cost then follows the batch, not 2^(U+1)
     sparse_head: bool = True
-    # "c": the Q networks' GRU recurrence and the acting masked max run in small C kernels
-    # (dntsync.marl.kernels, compiled on first use with the system's cc); "torch": plain
-    # torch ops (no compiler needed, slower, equal up to float rounding)
-    kernels: Literal["c", "torch"] = "c"
     episodes_per_epoch: int = 32  # D, collected with epsilon-greedy each epoch
     batches_per_epoch: int = 24
     batch_size: int = 16  # episodes per minibatch

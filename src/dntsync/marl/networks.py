@@ -10,9 +10,9 @@ Three heads produce the Q values of the 2^(U+1) actions (bit 0 = upload, bit u+1
   gathers just the weight rows of the valid actions of each coverage pattern (patterns
   grouped by their number k of covered users, each with exactly 2^(k+1) valid actions, so
   no action is padded) and multiplies them with the hidden states of the rows sharing the
-  pattern; the chosen action's Q gathers one row. Exact, and at U = 16 (2^17 actions) the cost follows the coverage,
-  not the action space. `FlatHead.all_q` is the naive full matmul, kept for tests and the
-  benchmark.
+  pattern; the chosen action's Q gathers one row. Exact, and at U = 16 (2^17 actions) the
+  cost follows the coverage, not the action space. `FlatHead.all_q` is the naive full
+  matmul, kept for tests and the benchmark.
 - `FactorisedHead`: one term per bit, Q(a) = q_0 + sum over set bits i of a of q_i, so U + 2
   outputs. Its masked max is per bit: take every allowed bit whose term is positive.
 - `BranchingHead` (the default): the same per-bit form, each user's serve term from one
@@ -33,14 +33,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from dntsync.marl.kernels import flat_head_masked_max, gru_scan, load_kernel
-
-# Floats `FlatHead.masked_max` holds at once (gathered weights + Q values): about 64 MB.
+# Floats `flat_masked_max` holds at once (gathered weights + Q values): about 64 MB.
 GATHER_BUDGET = 1 << 24
-# Up to this many rows (acting: one row per environment, nearly every row its own coverage
-# pattern), `FlatHead.masked_max` enumerates each row's valid actions directly instead of
-# grouping rows by pattern (which pays off when many rows share one, as in training batches).
-RAGGED_MAX_ROWS = 256
 
 
 def _init_linear_(weight: Tensor, bias: Tensor, fan_in: int) -> None:
@@ -89,11 +83,6 @@ def valid_actions_of(covered: Tensor) -> Tensor:
     return (_subsets(k + 1).to(covered.device)[None] * bit_values[:, None, :]).sum(-1)
 
 
-def _c_masked_max(kernels: str) -> bool:
-    """Whether a flat head's masked max runs the C kernel: `kernels="c"`, no gradient wanted."""
-    return kernels == "c" and not torch.is_grad_enabled()
-
-
 class FlatHead(nn.Module):
     """Q(a) = w_a . x + b_a for each of the 2^(U+1) actions (the paper's output layer).
 
@@ -103,13 +92,11 @@ class FlatHead(nn.Module):
     2^(U+1) rows that are almost all zero (at U = 16: 17 M floats per agent per update).
     """
 
-    def __init__(self, hidden: int, n_users: int, sparse_grad: bool = False,
-                 kernels: str = "torch", user_dim: int = 3) -> None:
+    def __init__(self, hidden: int, n_users: int, sparse_grad: bool = False, user_dim: int = 3) -> None:
         super().__init__()
         del user_dim  # reads no per-user numbers
         self.n_users = n_users
         self.sparse_grad = sparse_grad
-        self.kernels = kernels
         n_actions = 2 ** (n_users + 1)
         self.weight = nn.Parameter(torch.empty(n_actions, hidden))
         self.bias = nn.Parameter(torch.empty(n_actions, 1))
@@ -127,48 +114,11 @@ class FlatHead(nn.Module):
         return (weight * x).sum(-1) + bias[:, 0]
 
     def masked_max(self, x: Tensor, covered: Tensor) -> tuple[Tensor, Tensor]:
-        """Max and argmax over each row's valid actions only: `x[R, h], covered[R, U] -> [R], [R]`.
-
-        Ties go to the first valid action in `valid_actions_of` order. With `kernels="c"` and
-        no gradient wanted (acting, the TD target's argmax): the C kernel, which takes the
-        dot products row by row straight from the weight table
-        (`dntsync.marl.kernels.flat_head_masked_max`; 2-6x faster than either torch path
-        below, measured on acting and training batches from U = 6 to 16). Otherwise, up to
-        `RAGGED_MAX_ROWS` rows: `_masked_max_ragged`; beyond: `flat_masked_max` with this head
-        alone: per coverage pattern, the weight rows of its valid actions are gathered once
-        and multiplied with the hidden states of all rows sharing it.
-        """
-        if _c_masked_max(self.kernels):
-            return flat_head_masked_max(x, covered, self.weight, self.bias)
-        if x.shape[0] <= RAGGED_MAX_ROWS:
-            return self._masked_max_ragged(x, covered)
+        """Max and argmax over each row's valid actions only: `x[R, h], covered[R, U] -> [R], [R]`
+        (`flat_masked_max` with this head alone; ties go to the first valid action in
+        `valid_actions_of` order)."""
         values, best = flat_masked_max([self], x[None], covered[None])
         return values[0], best[0]
-
-    def _masked_max_ragged(self, x: Tensor, covered: Tensor) -> tuple[Tensor, Tensor]:
-        """`masked_max` by listing every row's 2^(k+1) valid actions in one flat vector (no
-        per-pattern loop): a few vectorised ops, cheapest when rows rarely share a pattern."""
-        n_rows, device = x.shape[0], x.device
-        covered = covered.bool()
-        k = covered.sum(-1)
-        k_max = int(k.max()) if n_rows else 0
-        # each row's covered users in ascending order first (stable sort), then the rest
-        users = torch.argsort((~covered).to(torch.int8), dim=1, stable=True)[:, :k_max]
-        bit_values = torch.cat([torch.ones(n_rows, 1, dtype=torch.long, device=device),
-                                torch.ones_like(users) << (users + 1)], dim=1)  # [R, k_max+1]
-        counts = torch.ones_like(k) << (k + 1)  # 2^(k+1) valid actions per row
-        row = torch.repeat_interleave(torch.arange(n_rows, device=device), counts)
-        first = torch.cumsum(counts, 0) - counts
-        j = torch.arange(len(row), device=device) - first[row]  # subset index within its row
-        # subset j < 2^(k+1) sets only bits < k+1, so the padded bit values never count
-        actions = (_subsets(k_max + 1).to(device)[j] * bit_values[row]).sum(-1)
-        q = (self.weight.index_select(0, actions) * x.index_select(0, row)).sum(-1) \
-            + self.bias.index_select(0, actions)[:, 0]
-        values = q.new_full((n_rows,), -torch.inf).scatter_reduce(0, row, q, "amax")
-        position = torch.arange(len(row), device=device)
-        at_max = torch.where(q == values[row], position, len(row))
-        argmax = torch.full_like(k, len(row)).scatter_reduce(0, row, at_max, "amin")
-        return values, actions[argmax]
 
     def all_q(self, x: Tensor) -> Tensor:
         """The naive full matmul, `[R, 2^(U+1)]`."""
@@ -243,12 +193,11 @@ class FactorisedHead(nn.Module):
     read from the BS's recurrent state x. `outputs` computes the terms `[R, U+2]` (q_0,
     upload, serve user 1..U) once; `q`, `masked_max` and `all_q` read them."""
 
-    def __init__(self, hidden: int, n_users: int, sparse_grad: bool = False,
-                 kernels: str = "torch", user_dim: int = 3) -> None:
+    def __init__(self, hidden: int, n_users: int, sparse_grad: bool = False, user_dim: int = 3) -> None:
         super().__init__()
         self.n_users = n_users
         self.sparse_grad = False  # U + 2 outputs: nothing to gain
-        del kernels, user_dim  # FlatHead's signature; this masked max is a few vectorised ops
+        del user_dim  # reads no per-user numbers
         self.terms = nn.Linear(hidden, n_users + 2)  # q_0, upload, serve user 1..U
 
     def outputs(self, x: Tensor, users: Tensor | None = None) -> Tensor:
@@ -285,8 +234,7 @@ class BranchingHead(FactorisedHead):
     masked max stays O(U) at any U (no 2^(U+1) table).
     """
 
-    def __init__(self, hidden: int, n_users: int, sparse_grad: bool = False,
-                 kernels: str = "torch", user_dim: int = 3) -> None:
+    def __init__(self, hidden: int, n_users: int, sparse_grad: bool = False, user_dim: int = 3) -> None:
         nn.Module.__init__(self)
         self.n_users = n_users
         self.user_dim = user_dim
@@ -315,29 +263,22 @@ HEADS = {"flat": FlatHead, "factorised": FactorisedHead, "branching": BranchingH
 
 
 class AgentQNet(nn.Module):
-    """One BS's recurrent Q network theta_m: Linear(h) -> ReLU -> GRUCell(h) -> head."""
+    """One BS's recurrent Q network theta_m: Linear(h) -> ReLU -> GRUCell(h) -> head. Its
+    parameters only: `AgentQNets.unroll` runs the M BSs' networks together."""
 
     def __init__(self, obs_dim: int, hidden: int, n_users: int, head: str = "flat",
-                 sparse_grad: bool = False, kernels: str = "torch", user_dim: int = 3) -> None:
+                 sparse_grad: bool = False, user_dim: int = 3) -> None:
         super().__init__()
         self.hidden = hidden
         self.encoder = nn.Linear(obs_dim, hidden)
         self.cell = nn.GRUCell(hidden, hidden)
-        self.head = HEADS[head](hidden, n_users, sparse_grad, kernels, user_dim)
-
-    def unroll(self, obs: Tensor, state: Tensor | None = None) -> Tensor:
-        """Hidden states over an episode: `obs[B, T, D]`, `state[B, h]` (None: zeros) -> `[B, T, h]`."""
-        encoded = torch.relu(self.encoder(obs))
-        state = encoded.new_zeros(obs.shape[0], self.hidden) if state is None else state
-        states = []
-        for t in range(obs.shape[1]):
-            state = self.cell(encoded[:, t], state)
-            states.append(state)
-        return torch.stack(states, dim=1)
+        self.head = HEADS[head](hidden, n_users, sparse_grad, user_dim)
 
 
-def torch_scan(gi: Tensor, s0: Tensor, w_hh: Tensor, b_hh: Tensor) -> Tensor:
-    """`gru_scan` in plain torch ops (GRUCell's equations slot by slot): `[T, M, B, h]`."""
+def gru_states(gi: Tensor, s0: Tensor, w_hh: Tensor, b_hh: Tensor) -> Tensor:
+    """GRUCell's recurrence for M stacked nets, slot by slot: `gi[M, T, B, 3h]` (the input
+    projections, b_ih included), `s0[M, B, h]`, `w_hh[M, h, 3h]` (W_hh transposed),
+    `b_hh[M, 1, 3h]` -> the states `[T, M, B, h]`."""
     s, states = s0, []
     for gi_t in gi.unbind(1):  # one backward node for all slots, not one per slice
         gh = torch.baddbmm(b_hh, s, w_hh)  # [M, B, 3h]
@@ -351,22 +292,15 @@ def torch_scan(gi: Tensor, s0: Tensor, w_hh: Tensor, b_hh: Tensor) -> Tensor:
     return torch.stack(states, dim=0)
 
 
-KERNELS = ("c", "torch")  # marl.kernels: the C kernels of dntsync.marl.kernels, or torch ops
-SCANS = {"c": gru_scan, "torch": torch_scan}
-
-
 class GreedyActions(nn.Module):
     """The BSs' greedy actions from their observations: what a trained learner does, as one
     module (the MLflow model of a run). `obs[B, T, M, D]` (an episode's slots from the start,
     float32) -> `actions[B, T, M]` (int64, `dntsync.env.actions` codes, masked to the users
-    each BS covers). Torch ops only, so it runs wherever torch does."""
+    each BS covers)."""
 
     def __init__(self, nets: AgentQNets) -> None:
         super().__init__()
         self.nets = copy.deepcopy(nets).requires_grad_(False)
-        for module in self.nets.modules():
-            if hasattr(module, "kernels"):
-                module.kernels = "torch"
 
     @torch.no_grad()
     def forward(self, obs: Tensor) -> Tensor:
@@ -382,17 +316,10 @@ class AgentQNets(nn.Module):
     """
 
     def __init__(self, n_agents: int, obs_dim: int, hidden: int, n_users: int,
-                 head: str = "flat", sparse_grad: bool = False, kernels: str = "c",
-                 user_dim: int = 3) -> None:
+                 head: str = "flat", sparse_grad: bool = False, user_dim: int = 3) -> None:
         super().__init__()
-        if kernels not in KERNELS:
-            raise ValueError(f"kernels={kernels!r}: must be one of {list(KERNELS)}")
-        if kernels == "c":
-            load_kernel()  # a missing compiler fails here, before any work
-        self.kernels = kernels
         self.n_users, self.user_dim = n_users, user_dim
-        self.agents = nn.ModuleList(AgentQNet(obs_dim, hidden, n_users, head, sparse_grad, kernels,
-                                              user_dim)
+        self.agents = nn.ModuleList(AgentQNet(obs_dim, hidden, n_users, head, sparse_grad, user_dim)
                                     for _ in range(n_agents))
 
     def sparse_parameters(self) -> list[nn.Parameter]:
@@ -406,14 +333,12 @@ class AgentQNets(nn.Module):
     def unroll(self, obs: Tensor, state: Tensor | None = None) -> Tensor:
         """`obs[B, T, M, D]`, `state[B, M, h]` (None: zeros) -> hidden states `[B, T, M, h]`.
 
-        The same computation as each agent's `AgentQNet.unroll`, done for the M agents at
-        once: their weights are stacked (each agent keeps its own parameters) so that the
-        encoder and the GRU's input projections of all T slots are two batched matmuls, and
-        each slot needs one batched `[M, B, h] x [M, h, 3h]` matmul plus the gate arithmetic
-        (GRUCell's equations). On the small nets here the per-call overhead dominates, so this
-        is about twice as fast as M x T separate GRUCell calls (benchmarks/bench_marl.py).
-        With `kernels="c"` the gate arithmetic of a slot is one C kernel call
-        (`dntsync.marl.kernels.gru_scan`); "torch" writes it out in torch ops (`torch_scan`).
+        Each agent's encoder and `nn.GRUCell` slot by slot, done for the M agents at once:
+        their weights are stacked (each agent keeps its own parameters) so that the encoder
+        and the GRU's input projections of all T slots are two batched matmuls, and each slot
+        needs one batched `[M, B, h] x [M, h, 3h]` matmul plus the gate arithmetic
+        (`gru_states`). On the small nets here the per-call overhead dominates, so this is
+        about twice as fast as M x T separate GRUCell calls (benchmarks/bench_marl.py).
         """
         agents = self.agents
         n_b, n_t, n_m, _ = obs.shape
@@ -428,7 +353,7 @@ class AgentQNets(nn.Module):
         x = torch.relu(torch.baddbmm(enc_b[:, None, :], x, enc_w.transpose(1, 2)))
         gi = torch.baddbmm(b_ih[:, None, :], x, w_ih.transpose(1, 2)).view(n_m, n_t, n_b, 3 * h)
         s = obs.new_zeros(n_m, n_b, h) if state is None else state.transpose(0, 1)
-        states = SCANS[self.kernels](gi, s, w_hh, b_hh)  # [T, M, B, h]
+        states = gru_states(gi, s, w_hh, b_hh)  # [T, M, B, h]
         return states.permute(2, 0, 1, 3)  # [B, T, M, h]
 
     def users(self, obs: Tensor) -> Tensor:
@@ -458,8 +383,7 @@ class AgentQNets(nn.Module):
         f, n_users = outputs.shape[-1], covered.shape[-1]
         shape = covered.shape[:-1]
         heads = [net.head for net in self.agents]
-        if (not _c_masked_max(self.kernels) and all(isinstance(hd, FlatHead) for hd in heads)
-                and shape.numel() > RAGGED_MAX_ROWS * len(heads)):
+        if all(isinstance(hd, FlatHead) for hd in heads):  # one grouping for all the BSs' rows
             x = outputs.reshape(-1, len(heads), f).transpose(0, 1)  # [M, R, h]
             values, best = flat_masked_max(heads, x, covered.reshape(-1, len(heads), n_users).transpose(0, 1))
             return values.T.reshape(shape), best.T.reshape(shape)

@@ -64,7 +64,7 @@ def build_learner(cfg: Config, algo: str, env: DntEnv) -> QLearner:
         gamma=mc.gamma, lr=mc.lr, double_q=mc.double_q,
         target_update_epochs=mc.target_update_epochs, epsilon_start=mc.epsilon_start,
         epsilon_end=mc.epsilon_end, epsilon_decay_epochs=mc.epsilon_decay_epochs,
-        exploration=mc.exploration, kernels=mc.kernels, user_dim=env.user_dim,
+        exploration=mc.exploration, user_dim=env.user_dim,
         state_dim=env.state_dim,
     )
 
