@@ -13,7 +13,7 @@ Setting: docs/model.md's default scenario (U = 12, M = 3, N = 12, T = 30), `conf
    plus the final one and the baselines) and the rest (Lightning, logging). Target: <= 5 min.
 3. **heads**: one training update and its peak memory at U = 12 and U = 16 (2^13 and 2^17
    actions) for the flat head with gathered valid actions and row-sparse updates (ours,
-   `marl.sparse_head`), the same with dense updates of all 2^(U+1) rows by Adam
+   `marl.network.sparse_head`), the same with dense updates of all 2^(U+1) rows by Adam
    (`gathered-dense`), the flat head computed naively (full 2^(U+1) matmul, then masked,
    dense updates), and the factorised head. Each
    variant runs in a fresh subprocess; peak memory is the process's peak RSS minus its RSS
@@ -63,7 +63,7 @@ def _peak_rss_mb() -> float:
 
 # ---------------------------------------------------------------------- building blocks
 # The flat head (the paper profile's), which the masked max section times.
-FLAT = ["marl.head=flat"]
+FLAT = ["marl.network.head=flat"]
 
 
 def _setup(overrides: list[str], algo: str = "vdn"):
@@ -140,11 +140,12 @@ def _update_times(learner, data, batch_size: int, repeats: int, grad_clip: float
 def bench_updates(repeats: int) -> dict:
     out = {}
     for head in ("flat", "factorised", "branching"):
-        cfg, data, learner = _setup([f"marl.head={head}"])
+        cfg, data, learner = _setup([f"marl.network.head={head}"])
         for epoch in range(2):
             data.collect(epoch)
-        out[head] = _update_times(learner, data, cfg.marl.batch_size, repeats, cfg.marl.grad_clip)
-        out[head]["batch_size_episodes"] = cfg.marl.batch_size
+        algorithm = cfg.marl.algorithm
+        out[head] = _update_times(learner, data, algorithm.batch_size, repeats, algorithm.grad_clip)
+        out[head]["batch_size_episodes"] = cfg.marl.algorithm.batch_size
     return out
 
 
@@ -215,12 +216,13 @@ def bench_full_run(algo: str = "vdn") -> dict:
     shutil.rmtree(scratch, ignore_errors=True)
     parts = {k: round(v, 2) for k, v in clock.total.items()}
     parts["other (lightning, logging, checkpoints)"] = round(wall - sum(clock.total.values()), 2)
-    updates = cfg.marl.epochs * cfg.marl.batches_per_epoch
+    updates = cfg.marl.algorithm.epochs * cfg.marl.algorithm.batches_per_epoch
     return {
-        "algo": algo, "epochs": cfg.marl.epochs, "updates": updates,
-        "episodes_per_epoch": cfg.marl.episodes_per_epoch,
-        "batches_per_epoch": cfg.marl.batches_per_epoch, "batch_size": cfg.marl.batch_size,
-        "head": cfg.marl.head, "wall_s": round(wall, 1), "target_s": TARGET_FULL_RUN_S,
+        "algo": algo, "epochs": cfg.marl.algorithm.epochs, "updates": updates,
+        "episodes_per_epoch": cfg.marl.collection.episodes_per_epoch,
+        "batches_per_epoch": cfg.marl.algorithm.batches_per_epoch,
+        "batch_size": cfg.marl.algorithm.batch_size,
+        "head": cfg.marl.network.head, "wall_s": round(wall, 1), "target_s": TARGET_FULL_RUN_S,
         "meets_target": wall <= TARGET_FULL_RUN_S, "breakdown_s": parts,
         "updates_per_s_overall": round(updates / wall, 2),
         "eval_team_reward": report["eval_team_reward"],
@@ -232,8 +234,9 @@ def head_variant(n_users: int, variant: str, repeats: int) -> dict:
     """One variant in this process (called in a subprocess by `bench_heads`)."""
     head = "factorised" if variant == "factorised" else "flat"
     sparse = "true" if variant == "gathered" else "false"  # gathered-dense: all rows, Adam
-    cfg, data, learner = _setup([f"scenario.n_users={n_users}", f"marl.head={head}",
-                                 "marl.episodes_per_epoch=32", f"marl.sparse_head={sparse}"])
+    cfg, data, learner = _setup([f"scenario.n_users={n_users}", f"marl.network.head={head}",
+                                 "marl.collection.episodes_per_epoch=32",
+                                 f"marl.network.sparse_head={sparse}"])
     data.collect(0)
     if variant == "naive":
         for nets in (learner.online, learner.target):
@@ -241,11 +244,11 @@ def head_variant(n_users: int, variant: str, repeats: int) -> dict:
                 agent.head = NaiveFlatHead(agent.head)
     covered = data.replay.arrays["covered"][:len(data.replay)]
     rss_before = _rss_mb()
-    times = _update_times(learner, data, cfg.marl.batch_size, repeats, cfg.marl.grad_clip)
+    times = _update_times(learner, data, cfg.marl.algorithm.batch_size, repeats, cfg.marl.algorithm.grad_clip)
     return {**times, "peak_extra_mb": round(_peak_rss_mb() - rss_before, 1),
             "params_per_agent": sum(p.numel() for p in learner.online.agents[0].parameters()),
             "n_actions": 2 ** (n_users + 1), "mean_valid_actions": float(
-                (2.0 ** (1 + covered.sum(-1))).mean()), "batch_size_episodes": cfg.marl.batch_size}
+                (2.0 ** (1 + covered.sum(-1))).mean()), "batch_size_episodes": cfg.marl.algorithm.batch_size}
 
 
 def bench_heads(repeats: int, threads: int) -> dict:

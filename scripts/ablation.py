@@ -30,16 +30,17 @@ RESULTS = ROOT / "benchmarks" / "results" / "ablation.json"
 # (name, overrides added by the row); row 0 is conf/profiles/paper.yaml's learner
 ROWS: list[tuple[str, list[str]]] = [
     ("paper", ["env.observation=positions_only", "env.obs_frame=area", "env.user_features=[]",
-               "marl.head=flat", "marl.lr=1e-4", "marl.exploration=action",
-               "marl.epsilon_start=0.5", "marl.epsilon_end=0.05", "marl.target_update_epochs=2"]),
+               "marl.network.head=flat", "marl.algorithm.lr=1e-4", "marl.collection.exploration=action",
+               "marl.collection.epsilon_start=0.5", "marl.collection.epsilon_end=0.05",
+               "marl.algorithm.target_update_epochs=2"]),
     ("upload-state", ["env.observation=full"]),
-    ("branching-head", ["marl.head=branching"]),
+    ("branching-head", ["marl.network.head=branching"]),
     ("bs-frame", ["env.obs_frame=bs"]),
     ("others-feature", ["env.user_features=[others]"]),
-    ("bit-exploration", ["marl.exploration=bit", "marl.epsilon_start=0.3"]),
-    ("lr-2e-3", ["marl.lr=2e-3"]),
-    ("no-target-net", ["marl.target_update_epochs=0"]),
-    ("greedy-end", ["marl.epsilon_end=0"]),
+    ("bit-exploration", ["marl.collection.exploration=bit", "marl.collection.epsilon_start=0.3"]),
+    ("lr-2e-3", ["marl.algorithm.lr=2e-3"]),
+    ("no-target-net", ["marl.algorithm.target_update_epochs=0"]),
+    ("greedy-end", ["marl.collection.epsilon_end=0"]),
 ]
 
 
@@ -47,7 +48,7 @@ ROWS: list[tuple[str, list[str]]] = [
 # above added them: each undone alone from the default learner
 LEAVE_ONE_OUT: list[tuple[str, list[str]]] = [
     ("area-frame", ["env.obs_frame=area"]),
-    ("action-exploration", ["marl.exploration=action", "marl.epsilon_start=0.5"]),
+    ("action-exploration", ["marl.collection.exploration=action", "marl.collection.epsilon_start=0.5"]),
     ("positions-only", ["env.observation=positions_only"]),
 ]
 
@@ -66,8 +67,8 @@ def run_leave_one_out(i: int) -> dict:
 
 
 def _run(k: int, name: str, out: str, overrides: list[str], adds: list[str]) -> dict:
-    sets = [*overrides, "sweeps.fig3_algos=[vdn]", f"marl.model_dir={out}/models",
-            f"marl.metrics_dir={out}/metrics", f"marl.checkpoint_dir={out}/checkpoints"]
+    sets = [*overrides, "sweeps.fig3_algos=[vdn]", f"marl.outputs.model_dir={out}/models",
+            f"marl.outputs.metrics_dir={out}/metrics", f"marl.outputs.checkpoint_dir={out}/checkpoints"]
     cmd = [str(ROOT / ".venv" / "bin" / "dntsync"), "train-learners",
            *[a for s in sets for a in ("--set", s)]]
     print("$ " + " ".join(cmd[1:]), flush=True)

@@ -29,10 +29,10 @@ def test_defaults_are_spec_values():
     assert cfg.twin.window == 5
     assert cfg.twin.hidden == 128
     assert cfg.twin.lr == 1e-3
-    assert cfg.marl.epochs == 75
-    assert cfg.marl.gamma == 0.2
-    assert cfg.marl.lr == 2e-3  # the default learner's; Table II's 1e-4 is the paper profile's
-    assert cfg.marl.hidden == 128
+    assert cfg.marl.algorithm.epochs == 75
+    assert cfg.marl.algorithm.gamma == 0.2
+    assert cfg.marl.algorithm.lr == 2e-3  # the default learner's; Table II's: the paper profile's
+    assert cfg.marl.network.hidden == 128
     assert cfg.data.n_trajectories == 2000
 
 
@@ -42,12 +42,13 @@ def test_paper_profile_is_the_paper_literal_learner(repo_root):
 
     params = read_yaml((repo_root / "conf" / "params.yaml").read_text())
     paper = from_dict(merge(params, read_yaml((repo_root / "conf/profiles/paper.yaml").read_text())))
-    assert (paper.marl.head, paper.marl.lr, paper.marl.epochs, paper.marl.gamma,
-            paper.marl.hidden) == ("flat", 1e-4, 75, 0.2, 128)
+    algorithm, network = paper.marl.algorithm, paper.marl.network
+    assert (network.head, algorithm.lr, algorithm.epochs, algorithm.gamma, network.hidden) == \
+        ("flat", 1e-4, 75, 0.2, 128)
     assert (paper.env.observation, paper.env.obs_frame, paper.env.user_features) == \
         ("positions_only", "area", ())
-    assert paper.marl.exploration == "action" and paper.marl.target_update_epochs >= 1
-    assert paper.marl.epsilon_end == 0.05  # the default learner ends greedy (0.0)
+    assert paper.marl.collection.exploration == "action" and algorithm.target_update_epochs >= 1
+    assert paper.marl.collection.epsilon_end == 0.05  # the default learner ends greedy (0.0)
 
 
 def test_params_yaml_equals_embedded_defaults(repo_root):
@@ -86,7 +87,7 @@ def test_to_dict_round_trips():
         ({"scenario": {"n_users": 12.0}}, "scenario.n_users", "12.0"),
         ({"scenario": {"n_users": True}}, "scenario.n_users", "True"),
         ({"twin": {"window": 5.5}}, "twin.window", "5.5"),
-        ({"marl": {"epochs": False}}, "marl.epochs", "False"),
+        ({"marl": {"algorithm": {"epochs": False}}}, "marl.algorithm.epochs", "False"),
         ({"scenario": {"eps": "high"}}, "scenario.eps", "'high'"),
         ({"env": {"observation": "pixels"}}, "env.observation", "'pixels'"),
         ({"twin": {"self_feeding": 1}}, "twin.self_feeding", "1"),
@@ -106,7 +107,8 @@ def test_bad_values_are_rejected_naming_key_and_value(data, key, value):
         ({"bogus": 1}, "bogus"),
         ({"scenario": {"n_user": 3}}, "scenario.n_user"),
         ({"twin": {"hiden": 3}}, "twin.hiden"),
-        ({"marl": {"algo": "vdn", "lr_q": 0.1}}, "marl.lr_q"),
+        ({"marl": {"algorithm": {"name": "vdn", "lr_q": 0.1}}}, "marl.algorithm.lr_q"),
+        ({"marl": {"lr": 0.1}}, "marl.lr"),  # a knob outside its section
     ],
 )
 def test_unknown_keys_are_rejected(data, key):
@@ -131,10 +133,10 @@ def test_parse_override_reads_yaml_scalars():
 
 
 def test_overrides_accept_scientific_notation():
-    """`--set marl.lr=1e-4` is how a sweep passes a learning rate; YAML 1.1 (PyYAML) reads
+    """`--set marl.algorithm.lr=1e-4` is how a sweep passes a learning rate; YAML 1.1 (PyYAML) reads
     `1e-4` (no dot) as a string, so the override must still end up as the number 1e-4."""
-    cfg = load_config(None, ["marl.lr=1e-4", "scenario.noise_density=1e-6"])
-    assert cfg.marl.lr == 1e-4
+    cfg = load_config(None, ["marl.algorithm.lr=1e-4", "scenario.noise_density=1e-6"])
+    assert cfg.marl.algorithm.lr == 1e-4
     assert cfg.scenario.noise_density == 1e-6
 
 
@@ -166,7 +168,7 @@ def test_missing_explicit_file_is_an_error(tmp_path):
 
 def test_section_hash_tracks_only_its_sections():
     a = from_dict({})
-    b = from_dict({"marl": {"epochs": 3}})
+    b = from_dict({"marl": {"algorithm": {"epochs": 3}}})
     c = from_dict({"scenario": {"n_users": 3}})
     assert a.section_hash("scenario", "data") == b.section_hash("scenario", "data")
     assert a.section_hash("scenario", "data") != c.section_hash("scenario", "data")

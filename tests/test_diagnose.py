@@ -60,7 +60,7 @@ def test_cli_prints_and_writes_the_diagnosis(tmp_path, capsys):
     save_q_networks(lazy_middle_learner(SCENARIO), model, {"algo": "vdn", "seed": 0, "predictor": "drift"})
     out = tmp_path / "diag.json"
     sets = ["scenario.n_users=5", "scenario.n_rbs=5", "scenario.episode_length=4",
-            "env.predictor=drift", "marl.eval_episodes=4", "env.user_features=[]"]
+            "env.predictor=drift", "marl.evaluation.episodes=4", "env.user_features=[]"]
     code = main(["diagnose-learner", "--model", str(model), "--out", str(out),
                  *np.ravel([["--set", s] for s in sets]).tolist()])
     assert code == 0

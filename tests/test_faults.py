@@ -153,7 +153,7 @@ def test_a_failed_write_keeps_the_last_good_file(tmp_path, small_params, monkeyp
 # ---------------------------------------------------------------------- 4. finite numbers
 @pytest.mark.parametrize("override", [
     "scenario.rho=-.inf", "scenario.coverage_radius=.inf", "scenario.cloud_position=[.nan,.nan]",
-    "scenario.area_x=[-.inf,.inf]", "twin.min_delta=.inf", "marl.lr=.nan", "marl.grad_clip=.inf",
+    "scenario.area_x=[-.inf,.inf]", "twin.min_delta=.inf", "marl.algorithm.lr=.nan", "marl.algorithm.grad_clip=.inf",
     "scenario.bs_positions=[[.nan,0.0]]", "sweeps.fig4.values=[0.1,.nan]",
 ])
 def test_non_finite_values_are_refused_naming_the_key(override):
@@ -189,12 +189,12 @@ def test_a_non_finite_loss_stops_training_and_writes_no_model(tmp_path, monkeypa
 @pytest.mark.parametrize("bad", ["last.ckpt", "run.json"])
 def test_a_corrupt_resume_state_is_set_aside_and_the_run_starts_afresh(tmp_path, bad, capsys):
     kwargs = dict(algo="iql", seed=1, enable_progress_bar=False, log_mlflow=False)
-    cfg = tiny_config(tmp_path, epochs=3)
+    cfg = tiny_config(tmp_path, "marl.algorithm.epochs=3")
     with pytest.raises(RuntimeError, match="power cut"):
         fit_marl(cfg, callbacks=[PowerCut(2)], **kwargs)
     state = tmp_path / "checkpoints/iql_seed1"
     (state / bad).write_bytes((state / bad).read_bytes()[:50])  # truncated
-    straight = fit_marl(tiny_config(tmp_path / "straight", epochs=3), **kwargs)
+    straight = fit_marl(tiny_config(tmp_path / "straight", "marl.algorithm.epochs=3"), **kwargs)
     report = fit_marl(cfg, **kwargs)
     assert report["resumed_from"] is None and report["eval"] == straight["eval"]
     err = capsys.readouterr().err
@@ -273,7 +273,7 @@ def test_a_resumed_run_continues_its_mlflow_run_with_the_whole_curve(tmp_path):
     import mlflow
 
     kwargs = dict(algo="vdn", seed=0, enable_progress_bar=False)
-    cfg = tiny_config(tmp_path, epochs=4)
+    cfg = tiny_config(tmp_path, "marl.algorithm.epochs=4")
     with pytest.raises(RuntimeError, match="power cut"):
         fit_marl(cfg, callbacks=[PowerCut(2)], **kwargs)
     fit_marl(cfg, **kwargs)
@@ -287,7 +287,8 @@ def test_a_resumed_run_continues_its_mlflow_run_with_the_whole_curve(tmp_path):
         fit_marl(cfg, callbacks=[PowerCut(1)], **{**kwargs, "seed": 1})
     state = json.loads((tmp_path / "checkpoints/vdn_seed1/mlflow_run.json").read_text())
     mlflow.MlflowClient().update_run(state["run_id"], status="RUNNING")  # as after a SIGKILL
-    fit_marl(tiny_config(tmp_path, epochs=4, lr=3e-4), **{**kwargs, "seed": 1})
+    fit_marl(tiny_config(tmp_path, "marl.algorithm.epochs=4", "marl.algorithm.lr=3e-4"),
+             **{**kwargs, "seed": 1})
     assert mlflow.get_run(state["run_id"]).info.status == "KILLED"
 
 
@@ -301,7 +302,7 @@ def test_empty_or_missing_params_are_said_and_numbers_parse_alike(workdir, capsy
     assert "is empty" in capsys.readouterr().err
     from dntsync.tuning.space import load_space
 
-    (workdir / "space.yaml").write_text("marl:\n  lr:\n    key: marl.lr\n    type: float\n"
+    (workdir / "space.yaml").write_text("marl:\n  lr:\n    key: marl.algorithm.lr\n    type: float\n"
                                         "    low: 1e-5\n    high: 1e-2\n    log: true\n")
     (knob,) = load_space(workdir / "space.yaml", from_dict({}), "marl")
     assert knob.low == 1e-5

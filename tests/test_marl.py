@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from dntsync.config import ALGOS, from_dict
+from dntsync.config import ALGOS, apply_overrides, from_dict
 from dntsync.env import DntEnv, Drift, RandomValid, action_mask, is_valid
 from dntsync.env.evaluate import Rollout, StatelessPolicy, rollout
 from dntsync.marl import IQL, VDN, FactorisedHead, FlatHead, QPolicy
@@ -25,15 +25,19 @@ torch.set_num_threads(1)
 TINY = {"n_users": 3, "n_rbs": 3, "episode_length": 5}
 
 
-def tiny_config(tmp_path: Path, **marl) -> object:
-    """The real config, shrunk: U = 3, N = 3, T = 5, hidden 16, a few episodes per epoch."""
-    settings = {"hidden": 16, "epochs": 2, "episodes_per_epoch": 4, "batches_per_epoch": 2,
-                "batch_size": 4, "buffer_capacity": 16, "eval_every": 1, "eval_episodes": 4,
-                "epsilon_decay_epochs": 2, "target_update_epochs": 1, "seeds": [0],
-                "model_dir": str(tmp_path / "models"), "metrics_dir": str(tmp_path / "metrics"),
-                "checkpoint_dir": str(tmp_path / "checkpoints"), "checkpoint_every": 1, **marl}
-    return from_dict({"scenario": TINY, "env": {"predictor": "drift"}, "marl": settings,
-                      "tracking": {"mlflow_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}})
+def tiny_config(tmp_path: Path, *overrides: str) -> object:
+    """The real config, shrunk: U = 3, N = 3, T = 5, hidden 16, a few episodes per epoch;
+    then the dotted `overrides` (`"marl.algorithm.epochs=4"`), as `--set` applies them."""
+    marl = {"algorithm": {"epochs": 2, "batches_per_epoch": 2, "batch_size": 4, "target_update_epochs": 1},
+            "network": {"hidden": 16},
+            "collection": {"episodes_per_epoch": 4, "buffer_capacity": 16, "epsilon_decay_epochs": 2},
+            "evaluation": {"every": 1, "episodes": 4},
+            "outputs": {"model_dir": str(tmp_path / "models"), "metrics_dir": str(tmp_path / "metrics"),
+                        "checkpoint_dir": str(tmp_path / "checkpoints"), "checkpoint_every": 1},
+            "seeds": [0]}
+    cfg = from_dict({"scenario": TINY, "env": {"predictor": "drift"}, "marl": marl,
+                     "tracking": {"mlflow_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}})
+    return apply_overrides(cfg, overrides)
 
 
 # ---------------------------------------------------------------------- heads and masks
@@ -270,7 +274,15 @@ def test_qmix_mixing_is_monotonic_and_its_weights_are_trained():
                for p in g["params"]}
     assert {id(p) for p in learner.mixer.parameters()} <= trained
     assert not any(p.requires_grad for p in learner.target_mixer.parameters())
-    assert set(LEARNERS) == set(ALGOS)  # one list of learners: the config's
+
+
+def test_one_registry_of_learners_and_heads():
+    """The config's names (its validation, `--algo`, DVC's stages read them) are the classes'."""
+    from dntsync.config import HEAD_NAMES
+    from dntsync.marl.networks import HEADS
+
+    assert set(LEARNERS) == set(ALGOS)
+    assert set(HEADS) == set(HEAD_NAMES)
 
 
 def test_vdn_and_iql_differ_only_in_what_is_summed():
@@ -377,7 +389,7 @@ def test_two_epoch_run_logs_to_mlflow_and_writes_outputs(tmp_path, monkeypatch, 
     runs = mlflow.search_runs(experiment_names=["dntsync-marl"], output_format="list")
     assert len(runs) == 1
     run = runs[0]
-    assert run.data.params["predictor"] == "drift" and run.data.params["marl.algo"] == algo
+    assert run.data.params["predictor"] == "drift" and run.data.params["marl.algorithm.name"] == algo
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "eval_team_reward")
     assert [m.step for m in history] == [1, 2]  # curves against the epoch
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
@@ -411,16 +423,16 @@ class PowerCut(pl.Callback):
 
 def test_resume_continues_exactly_from_the_last_checkpoint(tmp_path):
     kwargs = dict(algo="iql", seed=1, enable_progress_bar=False, log_mlflow=False)
-    straight = fit_marl(tiny_config(tmp_path / "straight", epochs=4), **kwargs)
+    straight = fit_marl(tiny_config(tmp_path / "straight", "marl.algorithm.epochs=4"), **kwargs)
     # interrupted after epoch 2 of 4, then the same command again
     with pytest.raises(RuntimeError, match="power cut"):
-        fit_marl(tiny_config(tmp_path / "cut", epochs=4), callbacks=[PowerCut(2)], **kwargs)
+        fit_marl(tiny_config(tmp_path / "cut", "marl.algorithm.epochs=4"), callbacks=[PowerCut(2)], **kwargs)
     ckpt = torch.load(tmp_path / "cut/checkpoints/iql_seed1/last.ckpt", weights_only=True)
     assert ckpt["epoch"] == 1 and ckpt["EpisodeDataModule"]["replay"]["added"] == 2 * 4  # D = 4
-    resumed = fit_marl(tiny_config(tmp_path / "cut", epochs=4), **kwargs)
+    resumed = fit_marl(tiny_config(tmp_path / "cut", "marl.algorithm.epochs=4"), **kwargs)
     # trained for 2 epochs, then asked for 4 (a finished run extended)
-    fit_marl(tiny_config(tmp_path / "extended", epochs=2), **kwargs)
-    extended = fit_marl(tiny_config(tmp_path / "extended", epochs=4), **kwargs)
+    fit_marl(tiny_config(tmp_path / "extended", "marl.algorithm.epochs=2"), **kwargs)
+    extended = fit_marl(tiny_config(tmp_path / "extended", "marl.algorithm.epochs=4"), **kwargs)
     curve = lambda d: (tmp_path / d / "metrics/curves/marl_iql_seed1.csv").read_text()  # noqa: E731
     straight_weights = final_weights(tmp_path / "straight/models/iql_seed1.ckpt")
     for name, report in (("cut", resumed), ("extended", extended)):
@@ -430,26 +442,30 @@ def test_resume_continues_exactly_from_the_last_checkpoint(tmp_path):
         weights = final_weights(tmp_path / name / "models/iql_seed1.ckpt")
         assert all(torch.equal(weights[k], straight_weights[k]) for k in weights)
     # another configuration's checkpoint is not resumed
-    other = fit_marl(tiny_config(tmp_path / "cut", epochs=4, lr=3e-4), **kwargs)
+    other = fit_marl(tiny_config(tmp_path / "cut", "marl.algorithm.epochs=4", "marl.algorithm.lr=3e-4"),
+                     **kwargs)
     assert other["resumed_from"] is None
 
 
 def test_checkpoint_every_k_epochs_resumes_from_the_last_multiple(tmp_path):
     kwargs = dict(algo="vdn", seed=0, enable_progress_bar=False, log_mlflow=False)
-    straight = fit_marl(tiny_config(tmp_path / "straight", epochs=4), **kwargs)
+    straight = fit_marl(tiny_config(tmp_path / "straight", "marl.algorithm.epochs=4"), **kwargs)
     with pytest.raises(RuntimeError, match="power cut"):  # cut after 3 epochs: saved after 2
-        fit_marl(tiny_config(tmp_path / "cut", epochs=4, checkpoint_every=2),
+        fit_marl(tiny_config(tmp_path / "cut", "marl.algorithm.epochs=4", "marl.outputs.checkpoint_every=2"),
                  callbacks=[PowerCut(3)], **kwargs)
     ckpt = torch.load(tmp_path / "cut/checkpoints/vdn_seed0/last.ckpt", weights_only=True)
     assert ckpt["epoch"] == 1  # 0-based: the second epoch was the last one written
-    resumed = fit_marl(tiny_config(tmp_path / "cut", epochs=4, checkpoint_every=2), **kwargs)
+    resumed = fit_marl(tiny_config(tmp_path / "cut", "marl.algorithm.epochs=4",
+                                   "marl.outputs.checkpoint_every=2"), **kwargs)
     assert resumed["resumed_from"].endswith("last.ckpt") and resumed["eval"] == straight["eval"]
 
 
 def test_greedy_evaluation_during_training_never_changes_the_training(tmp_path):
     kwargs = dict(algo="vdn", seed=2, enable_progress_bar=False, log_mlflow=False)
-    often = fit_marl(tiny_config(tmp_path / "often", epochs=3, eval_every=1), **kwargs)
-    at_end = fit_marl(tiny_config(tmp_path / "end", epochs=3, eval_every=3), **kwargs)
+    often = fit_marl(tiny_config(tmp_path / "often", "marl.algorithm.epochs=3", "marl.evaluation.every=1"),
+                     **kwargs)
+    at_end = fit_marl(tiny_config(tmp_path / "end", "marl.algorithm.epochs=3", "marl.evaluation.every=3"),
+                      **kwargs)
     assert often["eval"] == at_end["eval"]
     a = final_weights(tmp_path / "often/models/vdn_seed2.ckpt")
     b = final_weights(tmp_path / "end/models/vdn_seed2.ckpt")
@@ -460,11 +476,11 @@ def test_sweep_points_evaluate_at_the_end_unless_told(tmp_path):
     from dntsync.config import apply_overrides
     from dntsync.stages.common import point_config, sweep_points
 
-    cfg = tiny_config(tmp_path, epochs=7, eval_every=2)
+    cfg = tiny_config(tmp_path, "marl.algorithm.epochs=7", "marl.evaluation.every=2")
     point = sweep_points(cfg, "fig4")[0]
-    assert point_config(cfg, point).marl.eval_every == 7
+    assert point_config(cfg, point).marl.evaluation.every == 7
     every3 = apply_overrides(cfg, ["sweeps.eval_every=3"])
-    assert point_config(every3, point).marl.eval_every == 3
+    assert point_config(every3, point).marl.evaluation.every == 3
 
 
 def test_cli_trains_every_seed_and_aggregates(tmp_path, monkeypatch):
@@ -474,10 +490,11 @@ def test_cli_trains_every_seed_and_aggregates(tmp_path, monkeypatch):
     params = tmp_path / "params.yaml"
     params.write_text(json.dumps({
         "scenario": TINY, "env": {"predictor": "hold-last"},
-        "marl": {"hidden": 8, "epochs": 1, "episodes_per_epoch": 2, "batches_per_epoch": 1,
-                 "batch_size": 2, "buffer_capacity": 4, "eval_every": 1, "eval_episodes": 2,
-                 "seeds": [0, 1], "head": "factorised", "model_dir": "models",
-                 "metrics_dir": "metrics"},
+        "marl": {"algorithm": {"epochs": 1, "batches_per_epoch": 1, "batch_size": 2},
+                 "network": {"hidden": 8, "head": "factorised"},
+                 "collection": {"episodes_per_epoch": 2, "buffer_capacity": 4},
+                 "evaluation": {"every": 1, "episodes": 2},
+                 "outputs": {"model_dir": "models", "metrics_dir": "metrics"}, "seeds": [0, 1]},
         "tracking": {"mlflow_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}}))
     assert main(["train-marl", "--params", str(params), "--algo", "iql", "--no-progress"]) == 0
     summary = json.loads((tmp_path / "metrics/marl_iql.json").read_text())
@@ -486,7 +503,7 @@ def test_cli_trains_every_seed_and_aggregates(tmp_path, monkeypatch):
     assert (tmp_path / "models/iql.ckpt").exists()
     # one seed with its outputs elsewhere: its headline file goes beside them, the same numbers
     assert main(["train-marl", "--params", str(params), "--algo", "iql", "--seed", "1", "--no-progress",
-                 "--set", "marl.metrics_dir=elsewhere/metrics"]) == 0
+                 "--set", "marl.outputs.metrics_dir=elsewhere/metrics"]) == 0
     headline = json.loads((tmp_path / "elsewhere/summary/marl_iql_seed1.json").read_text())
     assert headline["team_reward"] == pytest.approx(summary["eval_team_reward_per_seed"][1], abs=1e-4)
     assert not (tmp_path / "metrics/summary").exists() and not (tmp_path / "summary").exists()

@@ -41,6 +41,7 @@ from optuna.trial import TrialState
 
 from conftest import REPO_ROOT
 from dntsync.config import load_config
+from dntsync.tracking import flatten
 from dntsync.tuning.study import database_url
 # The shared-storage tests' PostgreSQL convention (DNTSYNC_TEST_PG_URL, else the server
 # `scripts/postgres.sh` starts; a failure names the fix) and their tiny tune parameters.
@@ -276,12 +277,16 @@ def tiny_overlay(tmp_path: Path, mlflow_uri: str) -> Path:
     path.write_text(yaml.safe_dump({
         "scenario": {"n_users": 3, "n_rbs": 3, "episode_length": 5},
         "env": {"predictor": "drift"},
-        "marl": {"hidden": 16, "epochs": 2, "episodes_per_epoch": 4, "batches_per_epoch": 2,
-                 "batch_size": 4, "buffer_capacity": 16, "eval_every": 1, "eval_episodes": 4,
-                 "epsilon_decay_epochs": 2, "target_update_epochs": 1, "seeds": [0],
-                 "model_dir": str(tmp_path / "models"),
-                 "metrics_dir": str(tmp_path / "metrics"),
-                 "checkpoint_dir": str(tmp_path / "checkpoints")},
+        "marl": {"algorithm": {"epochs": 2, "batches_per_epoch": 2, "batch_size": 4,
+                               "target_update_epochs": 1},
+                 "network": {"hidden": 16},
+                 "collection": {"episodes_per_epoch": 4, "buffer_capacity": 16,
+                                "epsilon_decay_epochs": 2},
+                 "evaluation": {"every": 1, "episodes": 4},
+                 "outputs": {"model_dir": str(tmp_path / "models"),
+                             "metrics_dir": str(tmp_path / "metrics"),
+                             "checkpoint_dir": str(tmp_path / "checkpoints")},
+                 "seeds": [0]},
         "tracking": {"mlflow_uri": mlflow_uri},
     }))
     return path
@@ -374,7 +379,8 @@ def test_tune_objective_marl_writes_the_tuned_overlay(tuned):
     assert "# Use:  dntsync train-marl --config conf/tuned/marl-vdn.yaml\n" in text
     values = yaml.safe_load(text)["marl"]
     best = study.best_trial.params
-    assert values == {"gamma": best["gamma"], "lr": best["lambda_Q"], "hidden": best["hidden_Q"]}
+    assert values == {"algorithm": {"gamma": best["gamma"], "lr": best["lambda_Q"]},
+                      "network": {"hidden": best["hidden_Q"]}}
 
 
 @pytest.mark.slow
@@ -387,13 +393,14 @@ def test_train_marl_with_the_tuned_overlay(tuned):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert re.search(r"^seeds \[0\]: vdn: eval team reward", out.stdout, re.M)
     assert json.loads((root / "metrics/marl/marl_vdn.json").read_text())["seeds"] == [0]
-    tuned_values = yaml.safe_load((root / "conf/tuned/marl-vdn.yaml").read_text())["marl"]
+    tuned = flatten(yaml.safe_load((root / "conf/tuned/marl-vdn.yaml").read_text()))
     cfg = load_config(params)
     [run] = [r for r in marl_runs(cfg.tracking.mlflow_uri, f"{cfg.tracking.experiment_prefix}-marl")
              if "trial" not in r.data.tags]  # not one of the study's trials
     assert run.info.run_name == "train-marl vdn s0"
-    for key, value in tuned_values.items():
-        assert type(value)(run.data.params[f"marl.{key}"]) == value, key
+    assert set(tuned) == {"marl.algorithm.gamma", "marl.algorithm.lr", "marl.network.hidden"}
+    for key, value in tuned.items():
+        assert type(value)(run.data.params[key]) == value, key
 
 
 @pytest.mark.slow
@@ -471,7 +478,7 @@ def test_quick_profile_lays_the_documented_reduced_copy(tmp_path):
 
     dest = materialise(REPO_ROOT, Path("conf/profiles/quick.yaml"), tmp_path / "quick")
     cfg = load_config(dest / "conf" / "params.yaml")
-    assert cfg.data.n_trajectories == 300 and cfg.marl.epochs == 8
+    assert cfg.data.n_trajectories == 300 and cfg.marl.algorithm.epochs == 8
     assert list(cfg.marl.seeds) == [0, 1]
     assert len(cfg.sweeps.fig4.values) == len(cfg.sweeps.fig5.values) == 2
     assert cfg.scenario == load_config(REPO_ROOT / "conf" / "params.yaml").scenario
@@ -563,7 +570,7 @@ def test_mlflow_server_on_postgresql_records_a_training_run(tmp_path, pg_url):  
             report = json.loads((tmp_path / "metrics" / "marl_vdn_seed0.json").read_text())
             assert metrics["eval_team_reward"] == pytest.approx(report["eval_team_reward"])
             params = {p["key"]: p["value"] for p in run["data"]["params"]}
-            assert params["marl.hidden"] == "16"
+            assert params["marl.network.hidden"] == "16"
             status, body = http(f"{base}/api/2.0/mlflow/artifacts/list?run_id={run['info']['run_id']}")
             artifacts = {f["path"] for f in json.loads(body)["files"]}
             assert {"vdn_seed0.ckpt", "marl_vdn_seed0.json", "marl_vdn_seed0.csv"} <= artifacts

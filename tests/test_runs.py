@@ -29,3 +29,35 @@ def test_run_jobs_runs_each_job_once_after_its_prerequisites(monkeypatch):
 def test_run_jobs_refuses_jobs_that_wait_for_themselves(workers):
     with pytest.raises(ValueError, match=r"jobs \[0\] wait"):
         runs.run_jobs([("marl",)], workers, "test", needs=[[0]])
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_command_jobs_run_in_the_workers_with_their_output_in_a_log(tmp_path, workers):
+    """The pipeline's parallel DVC stages go through the same runner: each command's
+    output lands in its log, its exit code comes back, and a failure does not stop the rest."""
+    import os
+    import sys
+
+    jobs = [("command", name, [sys.executable, "-c", f"print('{name}'); raise SystemExit({code})"],
+             str(tmp_path / f"{name}.log"), str(tmp_path), dict(os.environ))
+            for name, code in (("ok", 0), ("broken", 3), ("also-ok", 0))]
+    results = runs.run_jobs(jobs, workers, "test")
+    assert [(r["name"], r["returncode"]) for r in results] == [("ok", 0), ("broken", 3), ("also-ok", 0)]
+    assert all((tmp_path / f"{r['name']}.log").read_text().strip() == r["name"] for r in results)
+
+
+def test_the_pipeline_runs_its_stages_through_the_runner_and_names_a_failure(tmp_path, capsys):
+    import os
+    import sys
+
+    from dntsync.stages import pipeline
+
+    fake_dvc = tmp_path / "dvc"  # prints its stage and fails on one
+    fake_dvc.write_text(f"#!{sys.executable}\nimport sys\nprint(sys.argv[-1])\n"
+                        "raise SystemExit(2 if sys.argv[-1] == 'b' else 0)\n")
+    fake_dvc.chmod(0o755)
+    code = pipeline.run_stages(["a", "b", "c"], str(fake_dvc), 2, tmp_path / "logs", tmp_path,
+                               dict(os.environ))
+    assert code == 2
+    assert (tmp_path / "logs/a.log").read_text().strip() == "a"
+    assert "b failed (exit 2)" in capsys.readouterr().err

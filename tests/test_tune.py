@@ -71,8 +71,8 @@ scenario: {{n_users: 3, episode_length: 10}}
 data: {{n_trajectories: 60, path: {tmp_path}/data.npz}}
 env: {{predictor: drift}}
 twin: {{hidden: 16, max_epochs: 3}}
-marl: {{epochs: 4, eval_every: 2, episodes_per_epoch: 4, batches_per_epoch: 2, batch_size: 4,
-        buffer_capacity: 16, eval_episodes: 4, hidden: 16}}
+marl: {{algorithm: {{epochs: 4, batches_per_epoch: 2, batch_size: 4}}, network: {{hidden: 16}},
+        collection: {{episodes_per_epoch: 4, buffer_capacity: 16}}, evaluation: {{every: 2, episodes: 4}}}}
 tracking: {{mlflow_uri: "{mlflow_uri}", experiment_prefix: t{uuid.uuid4().hex[:10]}}}
 tune:
   objective: {objective}
@@ -132,7 +132,7 @@ BAD_SPACES = {
                      r"unknown config key 'twin\.learning_rate'"),
     "log with low <= 0": ("twin:\n  lambda_G: {key: twin.lr, type: float, low: 0.0, high: 1.0e-2, log: true}\n",
                           r"log scale needs low > 0"),
-    "range the config refuses": ("marl:\n  gamma: {key: marl.gamma, type: float, low: 0.0, high: 1.0}\n"
+    "range the config refuses": ("marl:\n  gamma: {key: marl.algorithm.gamma, type: float, low: 0.0, high: 1.0}\n"
                                  "twin:\n  h: {key: twin.hidden, type: int, low: 8, high: 64}\n",
                                  r"marl\.gamma: the value 1\.0 fails the config check: .*gamma < 1"),
     "float knob on an integer key": ("twin:\n  h: {key: twin.hidden, type: float, low: 8, high: 64}\n",
@@ -141,7 +141,7 @@ BAD_SPACES = {
                       r"unknown field\(s\) \['scale'\]"),
     "unknown objective": ("critic:\n  h: {key: twin.hidden, type: int, low: 8, high: 64}\n",
                           r"unknown objective 'critic'"),
-    "no knobs for the objective": ("marl:\n  gamma: {key: marl.gamma, type: float, low: 0.0, high: 0.9}\n",
+    "no knobs for the objective": ("marl:\n  gamma: {key: marl.algorithm.gamma, type: float, low: 0.0, high: 0.9}\n",
                                    r"no knobs for objective 'twin'"),
     "categorical without choices": ("twin:\n  h: {key: twin.hidden, type: categorical, choices: []}\n",
                                     r"need a non-empty list `choices`"),
@@ -172,7 +172,7 @@ def test_shipped_search_space_is_valid(twin_params):
     cfg = load(twin_params)
     marl = {k.key for k in load_space(SPACE, cfg, "marl")}
     twin = {k.key for k in load_space(SPACE, cfg, "twin")}
-    assert marl == {"marl.gamma", "marl.lr", "marl.hidden"}
+    assert marl == {"marl.algorithm.gamma", "marl.algorithm.lr", "marl.network.hidden"}
     assert twin == {"twin.lr", "twin.hidden"}
 
 

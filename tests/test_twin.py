@@ -270,3 +270,20 @@ def test_cli_train_twin_without_data_fails_before_any_work(tmp_path, monkeypatch
     assert "run `dntsync generate` first" in capsys.readouterr().err
     assert not Path(cfg.twin.checkpoint).exists()
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_missing_twin_falls_back_or_fails_as_configured(tmp_path):
+    """`env.predictor_fallback`: a missing `env.twin_checkpoint` gives the named physics
+    predictor, said in the run's description, or ("none") fails before any work."""
+    from dntsync.config import load_config
+    from dntsync.env.predictors import Drift, HoldLast
+    from dntsync.errors import UserError
+    from dntsync.twin.predictor import build_predictor
+
+    missing = f"env.twin_checkpoint={tmp_path / 'none.ckpt'}"
+    predictor, description = build_predictor(load_config(None, [missing]))
+    assert isinstance(predictor, HoldLast) and description.startswith("hold-last (no twin at")
+    predictor, _ = build_predictor(load_config(None, [missing, "env.predictor_fallback=drift"]))
+    assert isinstance(predictor, Drift)
+    with pytest.raises(UserError, match="env.twin_checkpoint"):
+        build_predictor(load_config(None, [missing, "env.predictor_fallback=none"]))

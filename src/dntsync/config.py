@@ -91,9 +91,13 @@ def read_yaml_file(path: str | Path, what: str = "config file") -> dict:
 
 
 # The learners (dntsync.marl.learners.LEARNERS has one class per name): the one list the
-# config's validation, the CLI's --algo and DVC's stages read.
+# config's validation, the CLI's --algo and DVC's stages read (tests/test_config.py checks
+# that the classes and the names agree).
 Algo = Literal["vdn", "iql", "qmix"]
 ALGOS: tuple[str, ...] = typing.get_args(Algo)
+# The Q heads (dntsync.marl.networks.HEADS has one class per name), read the same way.
+Head = Literal["branching", "flat", "factorised"]
+HEAD_NAMES: tuple[str, ...] = typing.get_args(Head)
 
 
 def _need(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -194,64 +198,102 @@ class TwinConfig:
 
 
 @dataclass(frozen=True)
-class MarlConfig:
-    """The learners: VDN and IQL (Sec. III-C/D, Algorithm 2, Table II) and QMIX (ours).
+class AlgorithmConfig:
+    """`marl.algorithm`: which learner, and how its TD updates run (Algorithm 2, Table II).
 
-    Table II fixes G = 75, gamma 0.2 and the hidden size 128, kept here. The rest is the
-    default learner's design, each choice measured on the Fig. 3 setting (VDN, GRU twin;
-    docs/learners.md has the ablation over 3 seeds and every single run):
-    - `head: branching` (per-bit terms, one serve network shared by the users): the flat
-      2^(U+1) head of the paper (conf/profiles/paper.yaml) settles on a policy that ignores
-      where users are, far below the nearest-BS heuristic;
-    - `lr` 2e-3 (Table II: 1e-4): 17.59 / 17.60 on seeds 0 / 1, against 17.54 / 17.21 with
-      1e-3 and 17.41 (seed 0) with 3e-3;
-    - per-bit exploration from epsilon 0.3 (`exploration: bit`): small deviations from the
-      greedy action, so a conflict is not blamed on every bit of a wholly random action;
-    - no target net (`target_update_epochs: 0`): 17.58 / 17.69 against 17.59 / 17.60 with
-      a target net synced every 2 epochs, and a run 25% shorter;
-    - 24 minibatches of 16 episodes per epoch: 16 minibatches lost 0.6 (16.97 on seed 1),
-      12 lost 0.9; 12 of 32 episodes cost as much as 24 of 16 and learnt less;
-    - a replay of 500 episodes (about 16 epochs of D = 32).
-    `sparse_head` (row-sparse SparseAdam updates of the flat head) keeps the flat head
-    practical at U = 16 (one update 0.47 s -> 0.08 s); it gives the same greedy reward as
-    dense Adam.
+    Table II fixes G = 75 epochs and gamma 0.2, kept here. The rest is the default learner's
+    design, each choice measured in the Fig. 3 setting (docs/learners.md has the ablation):
+    lr 2e-3 (Table II: 1e-4, the paper profile's; 1e-3 and 3e-3 learnt less); no target net
+    (`target_update_epochs: 0`: as good at gamma 0.2 and a run 25% shorter); 24 minibatches
+    of 16 episodes per epoch (16 minibatches lost 0.6, 12 lost 0.9).
     """
 
-    algo: Algo = "vdn"
+    name: Algo = "vdn"
     epochs: int = 75  # G
     gamma: float = 0.2
-    lr: float = 2e-3  # lambda_Q (Table II: 1e-4, the paper profile's)
-    hidden: int = 128  # theta^h
-    # "branching": per-bit Q terms, one serve network shared by the users (the default);
-    # "flat": the paper's 2^(U+1) outputs; "factorised": per-bit terms from the state alone
-    head: Literal["flat", "factorised", "branching"] = "branching"
-    # flat head: update only the rows of the sampled actions (SparseAdam, "lazy" Adam) instead
-    # of all 2^(U+1) rows every update; the cost then follows the batch, not 2^(U+1)
-    sparse_head: bool = True
-    episodes_per_epoch: int = 32  # D, collected with epsilon-greedy each epoch
-    batches_per_epoch: int = 24
+    lr: float = 2e-3  # lambda_Q
+    batches_per_epoch: int = 24  # TD updates per epoch
     batch_size: int = 16  # episodes per minibatch
-    buffer_capacity: int = 500  # episodes
-    epsilon_start: float = 0.3
-    epsilon_end: float = 0.0  # greedy after the decay: +0.21 in the Fig. 3 setting (docs/learners.md)
-    epsilon_decay_epochs: int = 30
-    # "action": with prob. epsilon a uniformly random valid action; "bit": each allowed bit
-    # of the greedy action redrawn with prob. epsilon (dntsync.marl.learners.EXPLORATION)
-    exploration: Literal["action", "bit"] = "bit"
     # epochs between target-net syncs; 0: no target net, the TD target bootstraps from the
-    # online net (detached): as good at gamma 0.2 and 25% faster (docs/learners.md)
+    # online net (detached)
     target_update_epochs: int = 0
     double_q: bool = True
     grad_clip: float = 10.0
-    eval_every: int = 3  # greedy evaluation (and the pruner's report) every few epochs
-    eval_episodes: int = 32
-    eval_seed: int = 10_000  # evaluation seeds are eval_seed + i, never training seeds
-    seeds: tuple[int, ...] = (0, 1, 2)
-    # torch threads of `dntsync train-marl`: the networks are small, so one thread is fastest
-    # and several threads on a shared 2-core machine are many times slower (measured)
-    torch_threads: int = 1
-    # Outputs: <model_dir>/<algo>[_seed<S>].ckpt, <metrics_dir>/marl_<algo>[_seed<S>].json,
-    # <metrics_dir>/curves/marl_<algo>_seed<S>.csv; resumable state <checkpoint_dir>/<algo>_seed<S>/.
+
+    def validate(self, key: str) -> None:
+        _need(self.epochs >= 1, f"{key}.epochs", self.epochs, "need G >= 1")
+        _need(0 <= self.gamma < 1, f"{key}.gamma", self.gamma, "need 0 <= gamma < 1")
+        _need(0 < self.lr < 1, f"{key}.lr", self.lr, "need 0 < lambda_Q < 1")
+        for name in ("batches_per_epoch", "batch_size"):
+            _need(getattr(self, name) >= 1, f"{key}.{name}", getattr(self, name), "need >= 1")
+        _need(self.target_update_epochs >= 0, f"{key}.target_update_epochs",
+              self.target_update_epochs, "need >= 0 (0: no target net, bootstrap from the online one)")
+        _need(self.grad_clip > 0, f"{key}.grad_clip", self.grad_clip, "need > 0")
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """`marl.network`: each BS's recurrent Q network (Linear -> ReLU -> GRUCell -> head).
+
+    `head: branching` (per-bit terms, one serve network shared by the users) is the default:
+    the paper's flat 2^(U+1) head (conf/profiles/paper.yaml) settles on a policy that ignores
+    where users are. `sparse_head` (row-sparse SparseAdam updates of the flat head) keeps the
+    flat head practical at U = 16 (one update 0.47 s -> 0.08 s) with the same greedy reward.
+    """
+
+    head: Head = "branching"
+    hidden: int = 128  # theta^h (Table II)
+    sparse_head: bool = True
+
+    def validate(self, key: str) -> None:
+        _need(self.hidden >= 1, f"{key}.hidden", self.hidden, "need >= 1")
+
+
+@dataclass(frozen=True)
+class CollectionConfig:
+    """`marl.collection`: the epsilon-greedy episodes each epoch adds to the replay.
+
+    Per-bit exploration from epsilon 0.3 (`exploration: bit`) makes small deviations from the
+    greedy action, so a conflict is not blamed on every bit of a wholly random action;
+    greedy after the decay (`epsilon_end: 0`) gained 0.21 in the Fig. 3 setting; the replay
+    holds about 16 epochs of episodes.
+    """
+
+    episodes_per_epoch: int = 32  # D, one batched reset
+    buffer_capacity: int = 500  # episodes
+    epsilon_start: float = 0.3
+    epsilon_end: float = 0.0
+    epsilon_decay_epochs: int = 30  # linear
+    # "action": with prob. epsilon a uniformly random valid action; "bit": each allowed bit
+    # of the greedy action redrawn with prob. epsilon (dntsync.marl.learners.EXPLORATION)
+    exploration: Literal["action", "bit"] = "bit"
+
+    def validate(self, key: str) -> None:
+        for name in ("episodes_per_epoch", "buffer_capacity", "epsilon_decay_epochs"):
+            _need(getattr(self, name) >= 1, f"{key}.{name}", getattr(self, name), "need >= 1")
+        for name in ("epsilon_start", "epsilon_end"):
+            _need(0 <= getattr(self, name) <= 1, f"{key}.{name}", getattr(self, name),
+                  "need 0 <= epsilon <= 1")
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """`marl.evaluation`: the greedy evaluation during and after training (never changes it)."""
+
+    every: int = 3  # epochs (and the pruner's report); the last epoch is always evaluated
+    episodes: int = 32
+    seed: int = 10_000  # evaluation episodes use seed + i, never a training seed
+
+    def validate(self, key: str) -> None:
+        for name in ("every", "episodes"):
+            _need(getattr(self, name) >= 1, f"{key}.{name}", getattr(self, name), "need >= 1")
+
+
+@dataclass(frozen=True)
+class OutputsConfig:
+    """`marl.outputs`: <model_dir>/<algo>[_seed<S>].ckpt, <metrics_dir>/marl_<algo>[_seed<S>].json,
+    <metrics_dir>/curves/marl_<algo>_seed<S>.csv; resumable state <checkpoint_dir>/<algo>_seed<S>/."""
+
     model_dir: str = "models/marl"
     metrics_dir: str = "metrics/marl"
     checkpoint_dir: str = "checkpoints"
@@ -261,25 +303,32 @@ class MarlConfig:
     # more than the training. Sweeps delete it once a run has finished.
     checkpoint_every: int = 5
 
+    def validate(self, key: str) -> None:
+        _need(self.checkpoint_every >= 1, f"{key}.checkpoint_every", self.checkpoint_every, "need >= 1")
+
+
+@dataclass(frozen=True)
+class MarlConfig:
+    """The learners, VDN and IQL (Sec. III-C/D, Algorithm 2, Table II) and QMIX (ours), in
+    the sections a MARL library's user knows (BenchMARL's algorithm / model / experiment):
+    `algorithm`, `network`, `collection`, `evaluation`, `outputs`, and the seeds of a run
+    set. Every run uses one torch thread (the networks are small; parallelism is
+    `sweeps.workers` runs at once)."""
+
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    collection: CollectionConfig = field(default_factory=CollectionConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    outputs: OutputsConfig = field(default_factory=OutputsConfig)
+    seeds: tuple[int, ...] = (0, 1, 2)
+
     def validate(self, key: str = "marl") -> None:
-        _need(self.epochs >= 1, f"{key}.epochs", self.epochs, "need G >= 1")
-        _need(0 <= self.gamma < 1, f"{key}.gamma", self.gamma, "need 0 <= gamma < 1")
-        _need(0 < self.lr < 1, f"{key}.lr", self.lr, "need 0 < lambda_Q < 1")
-        _need(self.hidden >= 1, f"{key}.hidden", self.hidden, "need >= 1")
-        for name in ("episodes_per_epoch", "batches_per_epoch", "batch_size", "buffer_capacity",
-                     "epsilon_decay_epochs", "eval_every", "checkpoint_every",
-                     "eval_episodes"):
-            _need(getattr(self, name) >= 1, f"{key}.{name}", getattr(self, name), "need >= 1")
-        _need(self.target_update_epochs >= 0, f"{key}.target_update_epochs",
-              self.target_update_epochs, "need >= 0 (0: no target net, bootstrap from the online one)")
-        _need(self.buffer_capacity >= self.batch_size, f"{key}.buffer_capacity",
-              self.buffer_capacity, f"need >= batch_size ({self.batch_size})")
-        for name in ("epsilon_start", "epsilon_end"):
-            _need(0 <= getattr(self, name) <= 1, f"{key}.{name}", getattr(self, name),
-                  "need 0 <= epsilon <= 1")
-        _need(self.grad_clip > 0, f"{key}.grad_clip", self.grad_clip, "need > 0")
+        for name in ("algorithm", "network", "collection", "evaluation", "outputs"):
+            getattr(self, name).validate(f"{key}.{name}")
+        _need(self.collection.buffer_capacity >= self.algorithm.batch_size,
+              f"{key}.collection.buffer_capacity", self.collection.buffer_capacity,
+              f"need >= {key}.algorithm.batch_size ({self.algorithm.batch_size})")
         _need(len(self.seeds) >= 1, f"{key}.seeds", self.seeds, "need at least one seed")
-        _need(self.torch_threads >= 1, f"{key}.torch_threads", self.torch_threads, "need >= 1")
 
 
 @dataclass(frozen=True)
@@ -313,7 +362,6 @@ class TuneConfig:
     # An SQLAlchemy database URL: sqlite:///... (one machine) or postgresql://user:pw@host/db
     # (shared by workers on many machines). Trials beat a heartbeat in it (below).
     storage: str = "sqlite:///optuna/studies.db"
-    sampler_startup_trials: int = 10  # TPE: random draws before the model is used
     pruner: Literal["median", "none"] = "median"
     pruner_startup_trials: int = 5  # trials finished before any is pruned
     pruner_warmup_epochs: int = 10  # a trial is never pruned before this training epoch
@@ -334,8 +382,7 @@ class TuneConfig:
         _need("://" in self.storage, f"{key}.storage", self.storage,
               "need a database URL, e.g. sqlite:///optuna/studies.db or "
               "postgresql://user:password@host:5432/db")
-        for name in ("pruner_startup_trials", "pruner_warmup_epochs", "max_retry",
-                     "sampler_startup_trials"):
+        for name in ("pruner_startup_trials", "pruner_warmup_epochs", "max_retry"):
             _need(getattr(self, name) >= 0, f"{key}.{name}", getattr(self, name), "need >= 0")
         _need(self.heartbeat_interval >= 1, f"{key}.heartbeat_interval",
               self.heartbeat_interval, "need >= 1 second")
@@ -586,6 +633,15 @@ def apply_overrides(cfg: Config, overrides: typing.Sequence[str]) -> Config:
         key, value = parse_override(text)
         _set_dotted(data, key, value)
     return from_dict(data)
+
+
+def replace_in(obj: Any, section: str, **changes: Any) -> Any:
+    """A copy of the frozen config `obj` with `changes` made to its (dotted, nested) section:
+    `replace_in(cfg, "marl.algorithm", name="iql")`. Not validated (see `apply_overrides`)."""
+    if not section:
+        return dataclasses.replace(obj, **changes)
+    head, _, rest = section.partition(".")
+    return dataclasses.replace(obj, **{head: replace_in(getattr(obj, head), rest, **changes)})
 
 
 def dump_config(cfg: Config) -> str:

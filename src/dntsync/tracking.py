@@ -136,7 +136,7 @@ def mlflow_run(cfg: Config, stage: str, run_name: str | None = None,
 
     With `run_id` (an interrupted run's, see `dntsync.marl.training.tracked_run_id`) that
     run is continued if the store still has it: params it already holds are kept (one whose
-    value changed, e.g. `marl.epochs` of an extended run, is tagged `changed_on_resume.<key>`)."""
+    value changed, e.g. `marl.algorithm.epochs` of an extended run, is tagged `changed_on_resume.<key>`)."""
     import mlflow
 
     prepare_store(cfg, (stage,))
@@ -167,3 +167,19 @@ def mlflow_run(cfg: Config, stage: str, run_name: str | None = None,
             mlflow.set_tags({f"changed_on_resume.{k}": str(v) for k, v in params.items()
                              if k in held and held[k] != str(v)})
         yield run
+
+
+@contextlib.contextmanager
+def training_run(cfg: Config, stage: str, enabled: bool = True, **run_options: Any) -> Iterator[tuple]:
+    """The one MLflow wrapper of a Lightning training run (the twin's, a learner's): `(run,
+    logger)`, an MLflow run of `mlflow_run(cfg, stage, **run_options)` and Lightning's
+    `MLFlowLogger` writing to that run; `(None, False)` when not `enabled` (no MLflow at all,
+    and `False` is what `pl.Trainer(logger=...)` takes for no logger)."""
+    if not enabled:
+        yield None, False
+        return
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    with mlflow_run(cfg, stage, **run_options) as run:
+        yield run, MLFlowLogger(experiment_name=experiment_name(cfg, stage),
+                                tracking_uri=cfg.tracking.mlflow_uri, run_id=run.info.run_id)

@@ -28,9 +28,8 @@ import numpy as np
 
 from dntsync.env.core import DntEnv, SlotState
 from dntsync.env.predictors import Predictor
+from dntsync.metrics import METRICS
 from dntsync.network.scenario import Scenario
-
-METRICS = ("team_reward", "sum_rate", "dnt_error", "uploads", "failed_uploads", "served_twice")
 
 
 @runtime_checkable

@@ -23,7 +23,8 @@ import torch
 from dntsync.config import Config
 from dntsync.env.actions import decode, encode
 from dntsync.env.core import SlotState
-from dntsync.env.evaluate import METRICS, Evaluation, as_episode_policy, rollout, summarise
+from dntsync.env.evaluate import Evaluation, as_episode_policy, rollout, summarise
+from dntsync.metrics import METRICS
 
 
 def serving_profile(policy, evaluation: Evaluation) -> tuple[list[dict[str, float]], float]:
@@ -106,7 +107,7 @@ def diagnose_model(cfg: Config, path: Path) -> dict:
     algo = trained["algo"]
     predictor, description = build_predictor(cfg)
     mc = cfg.marl
-    evaluation = Evaluation(cfg.scenario, predictor, mc.eval_episodes, mc.eval_seed,
+    evaluation = Evaluation(cfg.scenario, predictor, mc.evaluation.episodes, mc.evaluation.seed,
                             **cfg.env.observation_options())
     warning = None
     if trained.get("predictor") != description:

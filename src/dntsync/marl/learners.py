@@ -13,7 +13,7 @@
    them with a monotonic network of the global state s_t (Rashid et al. 2018) against the
    team reward, the next slot's value through the target mixer; IQL has none and keeps
    each agent on its own local reward (eq. 37);
-5. squared TD error averaged over real slots; the gradient norm is clipped (`marl.grad_clip`,
+5. squared TD error averaged over real slots; the gradient norm is clipped (`marl.algorithm.grad_clip`,
    over every parameter, as `torch.nn.utils.clip_grad_norm_`) and Adam steps (eq. 23 with
    Adam as the SGD method). With `sparse_head` (flat head only) the head's gradient holds
    just the rows of the actions in the minibatch and `torch.optim.SparseAdam` (Adam's
@@ -248,7 +248,8 @@ class QLearner(pl.LightningModule):
         loss = self.td_loss(batch)
         if not torch.isfinite(loss):
             raise RunError(f"the TD loss became {loss.item()} in epoch {self.current_epoch + 1}; "
-                           "no model was written (try a smaller marl.lr or marl.grad_clip)")
+                           "no model was written (try a smaller marl.algorithm.lr or "
+                           "marl.algorithm.grad_clip)")
         for opt in optimizers:
             opt.zero_grad()
         self.manual_backward(loss)

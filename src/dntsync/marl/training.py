@@ -3,10 +3,10 @@
 Used by `dntsync train-marl` and by the hyper-parameter tuner (which passes extra Lightning
 callbacks, e.g. an Optuna pruner on "eval_team_reward", and switches the outputs off).
 
-One run = Algorithm 2 for G = `marl.epochs` epochs under a Lightning `Trainer`:
+One run = Algorithm 2 for G = `marl.algorithm.epochs` epochs under a Lightning `Trainer`:
 `EpisodeDataModule` collects D episodes per epoch and serves replay minibatches, the
 `QLearner` subclass updates, greedy evaluation on the fixed evaluation episodes runs as
-validation every `marl.eval_every` epochs. With outputs on, Lightning keeps
+validation every `marl.evaluation.every` epochs. With outputs on, Lightning keeps
 `<checkpoint_dir>/<algo>_seed<S>/last.ckpt` (model, optimiser, replay, curve so far) after
 every epoch and a rerun of the same command resumes from it; at the end the final greedy
 evaluation and the baselines on the same episodes are written (see `write_run_outputs`).
@@ -30,24 +30,24 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from dntsync.config import Config, to_plain
+from dntsync.config import Config, replace_in, to_plain
 from dntsync.env.core import DntEnv
-from dntsync.env.evaluate import METRICS, Evaluation, best_heuristic
+from dntsync.env.evaluate import Evaluation, best_heuristic
 from dntsync.env.policies import baseline_policies
 from dntsync.env.predictors import Predictor
 from dntsync.errors import RunError, UserError
 from dntsync.files import copy_file, save_torch, write_csv, write_json, write_text
 from dntsync.marl.learners import LEARNERS, QLearner
 from dntsync.marl.replay import EpisodeDataModule
-from dntsync.tracking import log_torch_model
+from dntsync.metrics import METRICS
+from dntsync.tracking import log_torch_model, training_run
 
 MLFLOW_SECTIONS = ("seed", "scenario", "env", "marl")
 CURVE_COLUMNS = ("epoch", "train_reward", *(f"train_{k}" for k in METRICS[1:]), "train_loss",
                  "epsilon", *(f"eval_{k}" for k in METRICS))
-# Knobs a resumed run may change: training longer, the stage's list of seeds, threads, where
-# outputs go.
-RESUMABLE_CHANGES = ("epochs", "seeds", "torch_threads", "model_dir", "metrics_dir",
-                     "checkpoint_dir", "checkpoint_every")
+# What a resumed run may change: training longer (`marl.algorithm.epochs`), the stage's
+# list of seeds and where outputs go (`marl.outputs`).
+RESUMABLE_CHANGES = ("seeds", "outputs")
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*IterableDataset.*has `__len__` defined.*")
@@ -60,23 +60,26 @@ def build_learner(cfg: Config, algo: str, env: DntEnv) -> QLearner:
     mc = cfg.marl
     return LEARNERS[algo](
         n_agents=env.n_agents, obs_dim=env.obs_dim, n_users=env.scenario.n_users,
-        hidden=mc.hidden, head=mc.head, sparse_head=mc.sparse_head, grad_clip=mc.grad_clip,
-        gamma=mc.gamma, lr=mc.lr, double_q=mc.double_q,
-        target_update_epochs=mc.target_update_epochs, epsilon_start=mc.epsilon_start,
-        epsilon_end=mc.epsilon_end, epsilon_decay_epochs=mc.epsilon_decay_epochs,
-        exploration=mc.exploration, user_dim=env.user_dim,
+        hidden=mc.network.hidden, head=mc.network.head, sparse_head=mc.network.sparse_head,
+        grad_clip=mc.algorithm.grad_clip, gamma=mc.algorithm.gamma, lr=mc.algorithm.lr,
+        double_q=mc.algorithm.double_q, target_update_epochs=mc.algorithm.target_update_epochs,
+        epsilon_start=mc.collection.epsilon_start, epsilon_end=mc.collection.epsilon_end,
+        epsilon_decay_epochs=mc.collection.epsilon_decay_epochs,
+        exploration=mc.collection.exploration, user_dim=env.user_dim,
         state_dim=env.state_dim,
     )
 
 
 def build_data(cfg: Config, predictor: Predictor, seed: int) -> EpisodeDataModule:
     mc = cfg.marl
-    env = DntEnv(cfg.scenario, predictor, n_envs=mc.episodes_per_epoch, seed=seed,
+    env = DntEnv(cfg.scenario, predictor, n_envs=mc.collection.episodes_per_epoch, seed=seed,
                  **cfg.env.observation_options())
-    evaluation = Evaluation(cfg.scenario, predictor, mc.eval_episodes, mc.eval_seed,
+    evaluation = Evaluation(cfg.scenario, predictor, mc.evaluation.episodes, mc.evaluation.seed,
                             **cfg.env.observation_options())
-    return EpisodeDataModule(env, evaluation, seed=seed, buffer_capacity=mc.buffer_capacity,
-                             batches_per_epoch=mc.batches_per_epoch, batch_size=mc.batch_size)
+    return EpisodeDataModule(env, evaluation, seed=seed,
+                             buffer_capacity=mc.collection.buffer_capacity,
+                             batches_per_epoch=mc.algorithm.batches_per_epoch,
+                             batch_size=mc.algorithm.batch_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,15 +95,16 @@ class RunPaths:
     def of(cls, cfg: Config, algo: str, seed: int) -> RunPaths:
         mc = cfg.marl
         name = f"{algo}_seed{seed}"
-        return cls(checkpoints=Path(mc.checkpoint_dir) / name,
-                   model=Path(mc.model_dir) / f"{name}.ckpt",
-                   metrics=Path(mc.metrics_dir) / f"marl_{name}.json",
-                   curve=Path(mc.metrics_dir) / "curves" / f"marl_{name}.csv")
+        return cls(checkpoints=Path(mc.outputs.checkpoint_dir) / name,
+                   model=Path(mc.outputs.model_dir) / f"{name}.ckpt",
+                   metrics=Path(mc.outputs.metrics_dir) / f"marl_{name}.json",
+                   curve=Path(mc.outputs.metrics_dir) / "curves" / f"marl_{name}.csv")
 
 
 def run_fingerprint(cfg: Config, predictor_description: str) -> dict:
     """What a checkpoint must have been trained with to be resumed."""
     marl = {k: v for k, v in to_plain(cfg.marl).items() if k not in RESUMABLE_CHANGES}
+    marl["algorithm"] = {k: v for k, v in marl["algorithm"].items() if k != "epochs"}
     return {"scenario": to_plain(cfg.scenario), "env": to_plain(cfg.env), "marl": marl,
             "predictor": predictor_description}
 
@@ -254,7 +258,7 @@ def compare(learner_eval: dict, baselines: dict) -> dict:
 def evaluate_baselines(cfg: Config, evaluation: Evaluation) -> dict:
     """Every policy of `baseline_policies` on the learners' evaluation episodes."""
     results = {}
-    for policy in baseline_policies(cfg.scenario, seed=cfg.marl.eval_seed):
+    for policy in baseline_policies(cfg.scenario, seed=cfg.marl.evaluation.seed):
         try:
             results[policy.name] = evaluation.run(policy)
         except ValueError as err:  # e.g. the oracle's search is too large for this scenario
@@ -268,7 +272,7 @@ def fit_marl(cfg: Config, *, algo: str | None = None, seed: int | None = None,
              log_mlflow: bool = True, write_outputs: bool = True,
              predictor: tuple[Predictor, str] | None = None,
              where: dict[str, str] | None = None) -> dict:
-    """Train `algo` (default `marl.algo`) with `seed` (default `Config.seed`); return its report.
+    """Train `algo` (default `marl.algorithm.name`) with `seed` (default `Config.seed`); return its report.
 
     The report holds "eval_team_reward" (the final greedy evaluation's mean team reward per
     step), every final evaluation metric under "eval", the run's settings and, with
@@ -277,11 +281,11 @@ def fit_marl(cfg: Config, *, algo: str | None = None, seed: int | None = None,
     `build_predictor(cfg)` (the GRU twin, or the configured fallback, described). `where`
     ({"sweep": "fig4", "point": "eps=0.5"}) names and tags the MLflow run (`run_label`).
     """
-    algo = algo or cfg.marl.algo
+    algo = algo or cfg.marl.algorithm.name
     seed = cfg.seed if seed is None else seed
     if algo not in LEARNERS:
         raise ValueError(f"algo = {algo!r} is invalid: choose from {sorted(LEARNERS)}")
-    cfg = dataclasses.replace(cfg, seed=seed, marl=dataclasses.replace(cfg.marl, algo=algo))
+    cfg = replace_in(replace_in(cfg, "", seed=seed), "marl.algorithm", name=algo)
     if predictor is None:
         from dntsync.twin.predictor import build_predictor  # the twin layer: only when used
 
@@ -302,15 +306,15 @@ def fit_marl(cfg: Config, *, algo: str | None = None, seed: int | None = None,
         # `last.ckpt` overwritten every `checkpoint_every` epochs (after the learner's
         # epoch-end target sync)
         all_callbacks.append(ModelCheckpoint(dirpath=paths.checkpoints, filename="last",
-                                             save_top_k=1, every_n_epochs=cfg.marl.checkpoint_every,
+                                             save_top_k=1, every_n_epochs=cfg.marl.outputs.checkpoint_every,
                                              enable_version_counter=False))
 
     def train(logger) -> None:
         trainer = pl.Trainer(
-            max_epochs=cfg.marl.epochs, accelerator="cpu", devices=1, logger=logger,
+            max_epochs=cfg.marl.algorithm.epochs, accelerator="cpu", devices=1, logger=logger,
             callbacks=all_callbacks, enable_checkpointing=write_outputs,
             enable_progress_bar=enable_progress_bar, enable_model_summary=False,
-            check_val_every_n_epoch=cfg.marl.eval_every,  # clipping: QLearner.training_step
+            check_val_every_n_epoch=cfg.marl.evaluation.every,  # clipping: QLearner.training_step
             num_sanity_val_steps=0, log_every_n_steps=1, default_root_dir=paths.checkpoints,
         )
         trainer.fit(learner, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
@@ -327,8 +331,8 @@ def fit_marl(cfg: Config, *, algo: str | None = None, seed: int | None = None,
             "algo": algo, "seed": seed, "predictor": predictor_description,
             "scenario": {k: getattr(cfg.scenario, k) for k in ("n_users", "n_rbs", "eps",
                                                                 "episode_length")},
-            "observation": cfg.env.observation, "head": cfg.marl.head,
-            "epochs": cfg.marl.epochs, "resumed_from": str(ckpt_path) if ckpt_path else None,
+            "observation": cfg.env.observation, "head": cfg.marl.network.head,
+            "epochs": cfg.marl.algorithm.epochs, "resumed_from": str(ckpt_path) if ckpt_path else None,
             "eval_team_reward": final["team_reward"]["mean"], "eval": final,
             "eval_seeds": data.evaluation.seeds, "eval_episodes": data.evaluation.n_episodes,
         }
@@ -338,40 +342,35 @@ def fit_marl(cfg: Config, *, algo: str | None = None, seed: int | None = None,
         report["wall_time_s"] = time.perf_counter() - started
         return report
 
-    if not log_mlflow:
-        train(False)
-        report = finish()
-        if write_outputs:
-            write_run_outputs(report, learner, recorder.rows, paths)
-        return report
-
-    import mlflow
-    from lightning.pytorch.loggers import MLFlowLogger
-
-    from dntsync.tracking import experiment_name, mlflow_run
-
     where = where or default_where()
     tags = {**where, "algo": algo, "seed": str(seed), "resumed_from": str(ckpt_path or "none")}
-    if previous_run and not ckpt_path:  # its state was not resumable: that run ended here
+    if log_mlflow and previous_run and not ckpt_path:  # not resumable: that run ended here
         end_if_running(previous_run, cfg.tracking.mlflow_uri)
-    with mlflow_run(cfg, "marl", run_name=run_label(where, algo, seed), sections=MLFLOW_SECTIONS,
-                    tags=tags, run_id=previous_run if ckpt_path else None) as run:
+    with training_run(cfg, "marl", log_mlflow, run_name=run_label(where, algo, seed),
+                      sections=MLFLOW_SECTIONS, tags=tags,
+                      run_id=previous_run if ckpt_path else None) as (run, logger):
+        if run is None:
+            train(logger)
+            report = finish()
+            if write_outputs:
+                write_run_outputs(report, learner, recorder.rows, paths)
+            return report
+        import mlflow
+
         if write_outputs:  # a resume continues this run
             write_json(paths.checkpoints / "mlflow_run.json", {"run_id": run.info.run_id})
         mlflow.log_params({"predictor": predictor_description})
-        logger = MLFlowLogger(experiment_name=experiment_name(cfg, "marl"),
-                              tracking_uri=cfg.tracking.mlflow_uri, run_id=run.info.run_id)
         train(logger)
         report = finish()
         logged = mlflow.MlflowClient().get_metric_history(run.info.run_id, "eval_team_reward")
-        evaluated_last = any(m.step == cfg.marl.epochs for m in logged)  # by the validation loop
-        mlflow.log_metrics(headline_metrics(report, with_eval=not evaluated_last), step=cfg.marl.epochs)
+        epochs = cfg.marl.algorithm.epochs
+        evaluated_last = any(m.step == epochs for m in logged)  # by the validation loop
+        mlflow.log_metrics(headline_metrics(report, with_eval=not evaluated_last), step=epochs)
         if report.get("baselines"):
             mlflow.log_table(baselines_table(report), artifact_file="baselines.json")
         with tempfile.TemporaryDirectory() as tmp:
             out = paths if write_outputs else RunPaths.of(
-                dataclasses.replace(cfg, marl=dataclasses.replace(
-                    cfg.marl, model_dir=tmp, metrics_dir=tmp)), algo, seed)
+                replace_in(cfg, "marl.outputs", model_dir=tmp, metrics_dir=tmp), algo, seed)
             write_run_outputs(report, learner, recorder.rows, out)
             for path in (out.model, out.metrics, out.curve):
                 mlflow.log_artifact(str(path))
@@ -448,8 +447,21 @@ def write_run_outputs(report: dict, learner: QLearner, rows: list[dict], paths: 
 
 
 # ---------------------------------------------------------------------- several seeds
+def over_seeds(reports: list[dict]) -> dict[str, dict]:
+    """The one aggregation over seeds: for each final evaluation metric of the runs'
+    reports, `{"mean", "std", "per_seed"}` of the seeds' episode means (the spread is the
+    population standard deviation over the seeds)."""
+    out = {}
+    for metric in METRICS:
+        values = np.array([r["eval"][metric]["mean"] for r in reports])
+        out[metric] = {"mean": float(values.mean()), "std": float(values.std()),
+                       "per_seed": values.tolist()}
+    return out
+
+
 def aggregate(reports: list[dict]) -> dict:
-    """Mean and standard deviation over seeds of every final evaluation metric."""
+    """One learner's runs over seeds: their settings, `over_seeds` as flat keys
+    (`eval_<metric>`, `..._std_over_seeds`, `..._per_seed`) and the baselines' comparison."""
     first = reports[0]
     out = {
         "algo": first["algo"], "seeds": [r["seed"] for r in reports],
@@ -458,11 +470,10 @@ def aggregate(reports: list[dict]) -> dict:
         "head": first["head"], "epochs": first["epochs"],
         "eval_seeds": first["eval_seeds"], "eval_episodes": first["eval_episodes"],
     }
-    for k in METRICS:
-        values = np.array([r["eval"][k]["mean"] for r in reports])
-        out[f"eval_{k}"] = float(values.mean())
-        out[f"eval_{k}_std_over_seeds"] = float(values.std())
-        out[f"eval_{k}_per_seed"] = values.tolist()
+    for k, stats in over_seeds(reports).items():
+        out[f"eval_{k}"] = stats["mean"]
+        out[f"eval_{k}_std_over_seeds"] = stats["std"]
+        out[f"eval_{k}_per_seed"] = stats["per_seed"]
     if "baselines" in first:
         out["baselines"] = first["baselines"]  # same evaluation episodes for every seed
         out.update(compare({"team_reward": {"mean": out["eval_team_reward"]}}, first["baselines"]))
@@ -473,7 +484,7 @@ def aggregate(reports: list[dict]) -> dict:
 def fit_marl_seeds(cfg: Config, algo: str | None = None, **kwargs) -> dict:
     """`fit_marl` for every seed of `marl.seeds`, then the aggregate report (written as
     `marl_<algo>.json`) and the first seed's Q networks as `<model_dir>/<algo>.ckpt`."""
-    algo = algo or cfg.marl.algo
+    algo = algo or cfg.marl.algorithm.name
     reports = [fit_marl(cfg, algo=algo, seed=s, **kwargs) for s in cfg.marl.seeds]
     if kwargs.get("write_outputs", True):
         return write_summary(cfg, algo, reports)
@@ -494,6 +505,7 @@ def write_summary(cfg: Config, algo: str, reports: list[dict]) -> dict:
     """Aggregate one algorithm's per-seed reports; write `<metrics_dir>/marl_<algo>.json` and
     copy the first seed's Q networks to `<model_dir>/<algo>.ckpt`."""
     summary = aggregate(reports)
-    copy_file(RunPaths.of(cfg, algo, cfg.marl.seeds[0]).model, Path(cfg.marl.model_dir) / f"{algo}.ckpt")
-    write_json(Path(cfg.marl.metrics_dir) / f"marl_{algo}.json", summary)
+    copy_file(RunPaths.of(cfg, algo, cfg.marl.seeds[0]).model,
+              Path(cfg.marl.outputs.model_dir) / f"{algo}.ckpt")
+    write_json(Path(cfg.marl.outputs.metrics_dir) / f"marl_{algo}.json", summary)
     return summary

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from dntsync.config import Config, SweepConfig, apply_overrides
 from dntsync.files import write_json
+from dntsync.metrics import HEADLINE_METRICS
 from dntsync.network.scenario import MOBILITY_KEYS
 
 RUNS_DIR = Path("runs")
@@ -27,12 +28,11 @@ RUNS_DIR = Path("runs")
 
 # ---------------------------------------------------------------------- headline numbers
 SUMMARY = Path("metrics/summary")
-LEARNER_KEYS = ("team_reward", "sum_rate", "dnt_error")
 
 
 def learner(report: dict) -> dict:
     """A learner's final evaluation (one seed's `fit_marl` report)."""
-    out = {k: round(report["eval"][k]["mean"], 4) for k in LEARNER_KEYS}
+    out = {k: round(report["eval"][k]["mean"], 4) for k in HEADLINE_METRICS}
     if "ratio_to_oracle" in report:
         out["ratio_to_oracle"] = round(report["ratio_to_oracle"], 4)
     return out
@@ -64,7 +64,7 @@ def write_sweep(summary: dict) -> list[Path]:
     for point in summary["points"]:
         oracle = point.get("baselines", {}).get("oracle", {}).get("team_reward", {}).get("mean")
         for algo, res in point["algos"].items():
-            out = {k: round(res[k]["mean"], 4) for k in LEARNER_KEYS}
+            out = {k: round(res[k]["mean"], 4) for k in HEADLINE_METRICS}
             if oracle:
                 out["ratio_to_oracle"] = round(res["team_reward"]["mean"] / oracle, 4)
             written.append(write_json(SUMMARY / summary["sweep"] / f"{point['label']}_{algo}.json", out))
@@ -111,9 +111,10 @@ def needs_own_twin(base: Config, point_cfg: Config) -> bool:
 def point_config(base: Config, point: Point) -> Config:
     """The point's config: its overrides, its own output folders, its own twin if needed."""
     d = point.directory
-    overrides = [*point.overrides, f"marl.model_dir={d}/models", f"marl.metrics_dir={d}/metrics",
-                 f"marl.checkpoint_dir={d}/checkpoints",
-                 f"marl.eval_every={base.sweeps.eval_every or base.marl.epochs}"]
+    overrides = [*point.overrides, f"marl.outputs.model_dir={d}/models",
+                 f"marl.outputs.metrics_dir={d}/metrics",
+                 f"marl.outputs.checkpoint_dir={d}/checkpoints",
+                 f"marl.evaluation.every={base.sweeps.eval_every or base.marl.algorithm.epochs}"]
     cfg = apply_overrides(base, overrides)
     if needs_own_twin(base, cfg):
         cfg = apply_overrides(cfg, [f"data.path={d}/twin/trajectories.npz",

@@ -1,7 +1,7 @@
 """Whom a trained learner's BSs serve, beside two fixed reference policies.
 
 `dntsync diagnose-learner --model models/marl/vdn_seed0.ckpt` plays the model's greedy policy
-on the configured evaluation episodes (`marl.eval_seed`, `marl.eval_episodes`; use the same
+on the configured evaluation episodes (`marl.evaluation.seed`, `marl.evaluation.episodes`; use the same
 `--set` overrides the model was trained with) and prints, per BS, how often it uploads and
 which share of its single-covered and of its overlap users it serves, then the team reward
 of the learner, of `outer-only` (the middle BS serves nobody: the lazy equilibrium the
@@ -28,7 +28,7 @@ def run(cfg: Config, args) -> int:
     if result["warning"]:
         print(f"warning: {result['warning']}")
     print(f"{result['model']} ({result['algo']}, predictor {result['predictor']}), greedy, "
-          f"{cfg.marl.eval_episodes} episodes:")
+          f"{cfg.marl.evaluation.episodes} episodes:")
     print("  BS  upload  serves single-covered  serves overlap users")
     for m, row in enumerate(result["profile"]):
         print(f"  {m:>2}  {row['upload']:6.2f}  {row['served_single']:21.2f}  {row['served_overlap']:20.2f}")

@@ -14,11 +14,12 @@ from pathlib import Path
 from dntsync.config import Config
 from dntsync.errors import UserError
 from dntsync.files import write_csv
+from dntsync.metrics import HEADLINE_METRICS
 from dntsync.plots import convergence_figure, episode_figure, sweep_figure
 
 FIGURES = Path("figures")
 DATA = FIGURES / "data"
-METRICS = Path("metrics")
+METRICS_DIR = Path("metrics")
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:
@@ -31,11 +32,11 @@ def sweep_rows(sweep: dict) -> list[dict]:
         for algo in sweep["algos"]:
             res = p["algos"][algo]
             rows.append({sweep["key"]: p["value"], "policy": algo,
-                         **{f"{m}_{s}": res[m][s] for m in ("team_reward", "sum_rate", "dnt_error")
+                         **{f"{m}_{s}": res[m][s] for m in HEADLINE_METRICS
                             for s in ("mean", "std")}})
         for name, res in p.get("baselines", {}).items():
             rows.append({sweep["key"]: p["value"], "policy": name,
-                         **{f"{m}_{s}": res[m][s] for m in ("team_reward", "sum_rate", "dnt_error")
+                         **{f"{m}_{s}": res[m][s] for m in HEADLINE_METRICS
                             for s in ("mean", "std")}})
     return rows
 
@@ -52,12 +53,13 @@ def episode_rows(trace: dict) -> list[dict]:
 
 
 def run(cfg: Config, args) -> int:
-    curves = {a: sorted((Path(cfg.marl.metrics_dir) / "curves").glob(f"marl_{a}_seed*.csv"))
+    curves = {a: sorted((Path(cfg.marl.outputs.metrics_dir) / "curves").glob(f"marl_{a}_seed*.csv"))
               for a in cfg.sweeps.fig3_algos}
     # the setting and the references (same evaluation episodes for every run) of one run
-    summary = Path(cfg.marl.metrics_dir) / f"marl_{cfg.sweeps.fig3_algos[0]}_seed{cfg.marl.seeds[0]}.json"
-    inputs = [summary, METRICS / "sweep_fig4.json", METRICS / "sweep_fig5.json",
-              METRICS / "fig6_episode.json"]
+    first = f"marl_{cfg.sweeps.fig3_algos[0]}_seed{cfg.marl.seeds[0]}.json"
+    summary = Path(cfg.marl.outputs.metrics_dir) / first
+    inputs = [summary, METRICS_DIR / "sweep_fig4.json", METRICS_DIR / "sweep_fig5.json",
+              METRICS_DIR / "fig6_episode.json"]
     missing = [str(p) for p in inputs if not p.exists()]
     missing += [f"curves of {a}" for a, paths in curves.items() if not paths]
     if missing:
@@ -66,11 +68,11 @@ def run(cfg: Config, args) -> int:
     made = [convergence_figure(curves, summary, FIGURES / "fig3_convergence.png")]
     for name, label, xlabel in (("fig4", "eps", "reward weight eps"),
                                 ("fig5", "users", "number of users U")):
-        sweep = json.loads((METRICS / f"sweep_{name}.json").read_text())
+        sweep = json.loads((METRICS_DIR / f"sweep_{name}.json").read_text())
         title = f"Fig. {name[3:]}: VDN vs IQL ({', '.join(sweep['fixed'])})"
         made.append(sweep_figure(sweep, FIGURES / f"{name}_{label}.png", xlabel=xlabel, title=title))
         write_rows(DATA / f"{name}_{label}.csv", sweep_rows(sweep))
-    trace = json.loads((METRICS / "fig6_episode.json").read_text())
+    trace = json.loads((METRICS_DIR / "fig6_episode.json").read_text())
     made.append(episode_figure(trace, FIGURES / "fig6_episode.png",
                                title=f"Fig. 6: one episode at {trace['point']} "
                                      f"({', '.join(trace['overrides'][:-1])})"))

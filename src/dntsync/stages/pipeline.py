@@ -20,6 +20,7 @@ import yaml
 
 from dntsync.config import Config, from_dict, load_config, merge, read_yaml_file
 from dntsync.files import write_text
+from dntsync.stages.runs import run_jobs
 from dntsync.tracking import COMMIT_ENV, PARENT_ENV, PROFILE_ENV, git_commit, mlflow_run, prepare_store
 
 PROJECT_FILES_CMD = ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"]
@@ -73,34 +74,21 @@ LOGS = Path("logs/pipeline")  # one file per parallel stage: its output, not the
 DVC_HINT = "Use `dvc push` to send your updates to remote storage."  # no remote here
 
 
-def run_parallel(commands: dict[str, list[str]], workers: int, logs: Path, **popen) -> int:
-    """Run the named commands, `workers` at a time, each one's output to `logs/<name>.log`
-    under one progress bar; the first non-zero exit code (or 0), a failure's log tail said."""
-    from tqdm import tqdm
-
+def run_stages(stages: list[str], dvc: str, workers: int, logs: Path, cwd: Path,
+               env: dict[str, str]) -> int:
+    """`dvc repro --single-item` of each stage, `workers` at a time (`run_jobs`), each one's
+    output to `logs/<stage>.log`; the first non-zero exit code (or 0), each failure's log
+    tail said."""
     logs.mkdir(parents=True, exist_ok=True)
-    waiting, running, failed = list(commands.items()), [], 0
-    with tqdm(total=len(commands), desc=f"train_marl ({workers} at a time, logs in {logs})") as bar:
-        while waiting or running:
-            while waiting and len(running) < workers and not failed:
-                name, command = waiting.pop(0)
-                log = (logs / f"{name}.log").open("w")
-                running.append((name, log, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                                            **popen)))
-            if not running:
-                break
-            time.sleep(0.5)
-            for item in [r for r in running if r[2].poll() is not None]:
-                running.remove(item)
-                name, log, proc = item
-                log.close()
-                if proc.returncode and not failed:
-                    tail = (logs / f"{name}.log").read_text().splitlines()[-15:]
-                    bar.write(f"{name} failed (exit {proc.returncode}); the end of {logs / name}.log:\n"
-                              + "\n".join(tail))
-                failed = failed or proc.returncode
-                bar.update()
-    return failed
+    jobs = [("command", stage, [dvc, "--wait-for-lock", "repro", "--single-item", stage],
+             str(logs / f"{stage}.log"), str(cwd), env) for stage in stages]
+    results = run_jobs(jobs, workers, f"train_marl ({workers} at a time, logs in {logs})")
+    failed = [r for r in results if r["returncode"]]
+    for r in failed:
+        tail = Path(r["log"]).read_text().splitlines()[-15:]
+        print(f"{r['name']} failed (exit {r['returncode']}); the end of {r['log']}:\n"
+              + "\n".join(tail), file=sys.stderr)
+    return failed[0]["returncode"] if failed else 0
 
 
 def run_dvc(command: list[str], **popen) -> int:
@@ -137,10 +125,8 @@ def repro(cfg: Config, workdir: Path, force: bool = False) -> int:
         else:
             returncode = run_dvc([dvc, "repro", "train_twin"], cwd=workdir, env=env)
             if returncode == 0:
-                returncode = run_parallel(
-                    {stage: [dvc, "--wait-for-lock", "repro", "--single-item", stage]
-                     for stage in matrix_stages(cfg)}, cfg.sweeps.workers, workdir / LOGS,
-                    cwd=workdir, env=env)
+                returncode = run_stages(matrix_stages(cfg), dvc, cfg.sweeps.workers,
+                                        workdir / LOGS, workdir, env)
             if returncode == 0:
                 returncode = run_dvc([dvc, "repro"], cwd=workdir, env=env)
         import mlflow

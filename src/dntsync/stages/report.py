@@ -14,13 +14,14 @@ import numpy as np
 
 from dntsync.config import Config
 from dntsync.files import write_text
+from dntsync.metrics import HEADLINE_METRICS, METRICS
 
 OUT = Path("reports/RESULTS.md")
-METRICS = Path("metrics")
+METRICS_DIR = Path("metrics")
 PAPER_RESULTS = Path("docs/results/paper")  # `make paper` keeps its results here
 
 
-def load(name: str, folder: Path = METRICS) -> dict | None:
+def load(name: str, folder: Path = METRICS_DIR) -> dict | None:
     path = folder / name
     return json.loads(path.read_text()) if path.exists() else None
 
@@ -161,13 +162,12 @@ def claims_table(learners: list[tuple[str, dict[str, Claim]]]) -> list[str]:
 def learner_table(marl: dict) -> list[str]:
     rows = ["| policy | team reward / step | sum rate | DNT error | uploads / step | failed uploads | served twice |",
             "|---|---|---|---|---|---|---|"]
-    metrics = ("team_reward", "sum_rate", "dnt_error", "uploads", "failed_uploads", "served_twice")
     for algo, rep in marl.items():
-        cells = [f"{rep[f'eval_{k}']:.3f} ± {rep[f'eval_{k}_std_over_seeds']:.3f}" for k in metrics]
+        cells = [f"{rep[f'eval_{k}']:.3f} ± {rep[f'eval_{k}_std_over_seeds']:.3f}" for k in METRICS]
         rows.append(f"| **{algo.upper()}** (seeds {rep['seeds']}) | " + " | ".join(cells) + " |")
     baselines = next(iter(marl.values())).get("baselines", {})
     for name, res in baselines.items():
-        rows.append(f"| {name} | " + " | ".join(f"{res[k]['mean']:.3f}" for k in metrics) + " |")
+        rows.append(f"| {name} | " + " | ".join(f"{res[k]['mean']:.3f}" for k in METRICS) + " |")
     for algo, rep in marl.items():
         if "ratio_to_oracle" in rep:
             rows.append(f"\n{algo.upper()}: ratio to the oracle {rep['ratio_to_oracle']:.3f}, "
@@ -182,7 +182,7 @@ def sweep_table(sweep: dict) -> list[str]:
     rows = [head, "|" + "---|" * (1 + 3 * len(algos) + 2)]
     for p in sweep["points"]:
         cells = [f"{p['algos'][a][m]['mean']:.2f} ± {p['algos'][a][m]['std']:.2f}"
-                 for a in algos for m in ("team_reward", "sum_rate", "dnt_error")]
+                 for a in algos for m in HEADLINE_METRICS]
         base = p.get("baselines", {})
         ref = [f"{base[n]['team_reward']['mean']:.2f}" if n in base else "—" for n in ("oracle", "nearest-always")]
         rows.append(f"| {p['value']} | " + " | ".join(cells + ref) + " |")
@@ -233,7 +233,7 @@ def diagnosis_table(cfg: Config) -> list[str]:
             "|---|---|---|---|"]
     references: dict = {}
     for algo in cfg.sweeps.fig3_algos:
-        path = Path(cfg.marl.model_dir) / f"{algo}_seed{cfg.marl.seeds[0]}.ckpt"
+        path = Path(cfg.marl.outputs.model_dir) / f"{algo}_seed{cfg.marl.seeds[0]}.ckpt"
         if not path.exists():
             continue
         d = diagnose_model(cfg, path)

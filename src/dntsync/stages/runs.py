@@ -1,10 +1,12 @@
-"""Training runs in parallel worker processes, shared by `train-learners` and `sweep` (a
-helper of the stages, as `dntsync.stages.common`; not a stage).
+"""The one process runner of the stages: jobs in parallel worker processes, for
+`train-learners`, `sweep` and the pipeline's parallel DVC stages (a helper of the stages,
+as `dntsync.stages.common`; not a stage).
 
-A job is ("twin", config) or ("marl", config, algo, seed); configs travel as plain dicts.
-A finished learner run is found by its metrics file (same config) and not repeated; an
-interrupted one resumes from its last checkpoint (`fit_marl`). Workers use one torch thread
-each, so `workers` runs share the machine's cores without oversubscription.
+A job is ("twin", config, where), ("marl", config, algo, seed, where) or ("command", name,
+argv, log, cwd, env); configs travel as plain dicts. A finished learner run is found by
+its metrics file (same config) and not repeated; an interrupted one resumes from its last
+checkpoint (`fit_marl`). Workers use one torch thread each, so `workers` runs share the
+machine's cores without oversubscription.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import multiprocessing
+import subprocess
 from pathlib import Path
 
 from tqdm import tqdm
@@ -59,13 +62,22 @@ def train_point_learner(cfg: Config, algo: str, seed: int, where: dict | None = 
     return report
 
 
-def _job(kind: str, cfg_plain: dict, algo: str = "", seed: int = 0, where: dict | None = None) -> dict:
+def run_command(name: str, argv: list[str], log: str, cwd: str, env: dict[str, str]) -> dict:
+    """A command (a DVC stage's `dvc repro`) with its output to the file `log`; its exit code."""
+    with open(log, "w") as out:
+        code = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env=env).returncode
+    return {"name": name, "returncode": code, "log": log}
+
+
+def _job(kind: str, *args) -> dict:
+    if kind == "command":
+        return run_command(*args)
     from dntsync.config import from_dict
 
-    cfg = from_dict(cfg_plain)
+    cfg = from_dict(args[0])
     if kind == "twin":
-        return train_point_twin(cfg, where)
-    return train_point_learner(cfg, algo, seed, where)
+        return train_point_twin(cfg, *args[1:])
+    return train_point_learner(cfg, *args[1:])
 
 
 def _dispatch_order(pending: set[int], done: set[int], needs, cost) -> list[int]:

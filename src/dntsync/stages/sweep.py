@@ -16,10 +16,9 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
-
 from dntsync.config import Config, SweepConfig, to_plain
 from dntsync.files import write_json
+from dntsync.marl.training import over_seeds
 from dntsync.stages.common import SUMMARY, Point, needs_own_twin, point_config, sweep_points, write_sweep
 from dntsync.stages.runs import run_jobs
 from dntsync.tracking import prepare_store
@@ -32,28 +31,18 @@ def add_arguments(parser) -> None:
 
 
 # ---------------------------------------------------------------------- aggregation
-def summarise_point(reports: list[dict]) -> dict:
-    """Mean, spread over seeds and per-seed values of each final evaluation metric."""
-    out: dict = {}
-    for metric in reports[0]["eval"]:
-        values = np.array([r["eval"][metric]["mean"] for r in reports])
-        out[metric] = {"mean": float(values.mean()), "std": float(values.std()),
-                       "per_seed": values.tolist()}
-    return out
-
-
 def aggregate_sweep(cfg: Config, sweep: str, points: list[Point], results: dict) -> dict:
     spec: SweepConfig = getattr(cfg.sweeps, sweep)
     rows = []
     for p in points:
-        algos = {a: summarise_point(results[(p.value, a)]) for a in cfg.sweeps.algos}
+        algos = {a: over_seeds(results[(p.value, a)]) for a in cfg.sweeps.algos}
         first = results[(p.value, cfg.sweeps.algos[0])][0]
         rows.append({"value": p.value, "label": p.label, "overrides": list(p.overrides),
                      "predictor": first["predictor"], "algos": algos,
                      "baselines": first.get("baselines", {})})
     return {"sweep": sweep, "key": spec.key, "values": list(spec.values),
             "fixed": list(spec.fixed), "seeds": list(cfg.marl.seeds),
-            "algos": list(cfg.sweeps.algos), "epochs": cfg.marl.epochs, "points": rows}
+            "algos": list(cfg.sweeps.algos), "epochs": cfg.marl.algorithm.epochs, "points": rows}
 
 
 def run(cfg: Config, args) -> int:
@@ -68,7 +57,7 @@ def run(cfg: Config, args) -> int:
     twins = {v: i for i, v in enumerate(v for v, c in configs.items() if needs_own_twin(cfg, c))}
     keys = [(p.value, a, s) for p in points for a in cfg.sweeps.algos for s in cfg.marl.seeds]
     labels = {p.value: {"sweep": sweep, "point": p.label} for p in points}
-    jobs = [("twin", to_plain(configs[v]), "", 0, labels[v]) for v in twins]
+    jobs = [("twin", to_plain(configs[v]), labels[v]) for v in twins]
     jobs += [("marl", to_plain(configs[v]), a, s, labels[v]) for v, a, s in keys]
     needs = [[] for _ in twins] + [[twins[v]] if v in twins else [] for v, _, _ in keys]
     cost = [float("inf")] * len(twins) + [float(configs[v].scenario.n_users) for v, _, _ in keys]

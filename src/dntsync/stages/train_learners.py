@@ -2,8 +2,8 @@
 
 The Fig. 3 setting in one command, outside DVC: the same runs as the pipeline's
 `train_marl@<A>-<S>` stages (`dntsync train-marl --algo A --seed S` for each (A, S)), spread
-over `sweeps.workers` processes. Writes per-seed networks, metrics and curves under `marl.model_dir` and
-`marl.metrics_dir`, and the aggregate over seeds `<metrics_dir>/marl_<algo>.json` with
+over `sweeps.workers` processes. Writes per-seed networks, metrics and curves under
+`marl.outputs.model_dir` and `marl.outputs.metrics_dir`, and the aggregate over seeds `<metrics_dir>/marl_<algo>.json` with
 `<model_dir>/<algo>.ckpt` (the first seed's networks). Finished runs are not repeated;
 interrupted ones resume from their last checkpoint.
 """
@@ -26,5 +26,5 @@ def run(cfg: Config, args) -> int:
         summary = write_summary(cfg, algo, [r for (a, _), r in zip(keys, reports) if a == algo])
         print(f"{algo}: eval team reward {summary['eval_team_reward']:.3f} "
               f"(std over seeds {summary['eval_team_reward_std_over_seeds']:.3f}); wrote "
-              f"{cfg.marl.metrics_dir}/marl_{algo}.json")
+              f"{cfg.marl.outputs.metrics_dir}/marl_{algo}.json")
     return 0

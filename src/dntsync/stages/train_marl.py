@@ -1,7 +1,7 @@
 """Train the BSs' Q networks with VDN, IQL or QMIX (Sec. III-C/D, Alg. 2; eq. 37) and evaluate them.
 
 `dntsync train-marl --algo vdn|iql|qmix [--seed S]`. Greedy evaluation on fixed evaluation
-episodes (seeds `marl.eval_seed + i`) every `marl.eval_every` epochs and at the end, beside
+episodes (seeds `marl.evaluation.seed + i`) every `marl.evaluation.every` epochs and at the end, beside
 every baseline (random, nearest-BS always / never / every k, the myopic oracle), tracked in
 MLflow (experiment `<prefix>-marl`, one run per seed). The twin's predictor is the one of
 `build_predictor` (GRU checkpoint, or the configured fallback); the run's params say which.
@@ -21,7 +21,7 @@ from dntsync.stages.common import write_learner
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--algo", choices=ALGOS, help="default: marl.algo")
+    parser.add_argument("--algo", choices=ALGOS, help="default: marl.algorithm.name")
     parser.add_argument("--seed", type=int, help="one training seed (default: every marl.seeds)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -43,13 +43,13 @@ def run(cfg: Config, args) -> int:
     # Lightning: only when used
     from dntsync.marl.training import drop_resumable_state, fit_marl, fit_marl_seeds
 
-    torch.set_num_threads(cfg.marl.torch_threads)
-    algo = args.algo or cfg.marl.algo
+    torch.set_num_threads(1)  # small networks: more threads only contend (sweeps.workers runs at once)
+    algo = args.algo or cfg.marl.algorithm.name
     progress = not args.no_progress
     if args.seed is not None:
         report = fit_marl(cfg, algo=algo, seed=args.seed, enable_progress_bar=progress)
         drop_resumable_state(cfg, algo, args.seed)
-        write_learner(report, cfg.marl.metrics_dir)
+        write_learner(report, cfg.marl.outputs.metrics_dir)
         print(f"seed {args.seed}: " + _line(report) + f" [{report['wall_time_s']:.0f} s]")
         return 0
     summary = fit_marl_seeds(cfg, algo=algo, enable_progress_bar=progress)

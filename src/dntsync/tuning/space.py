@@ -57,7 +57,7 @@ class Knob:
 
 
 def nested(values: dict[str, Any]) -> dict:
-    """`{"marl.gamma": 0.3}` -> `{"marl": {"gamma": 0.3}}` (a config overlay)."""
+    """`{"marl.algorithm.gamma": 0.3}` -> `{"marl": {"algorithm": {"gamma": 0.3}}}` (a config overlay)."""
     tree: dict = {}
     for dotted, value in values.items():
         node = tree

@@ -77,7 +77,7 @@ def study_name(cfg: Config) -> str:
     """`tune.study_name`, or "twin" / "marl-<algo>" (VDN and IQL are tuned apart)."""
     if cfg.tune.study_name:
         return cfg.tune.study_name
-    return f"marl-{cfg.marl.algo}" if cfg.tune.objective == "marl" else "twin"
+    return f"marl-{cfg.marl.algorithm.name}" if cfg.tune.objective == "marl" else "twin"
 
 
 def database_url(url: str) -> str:
@@ -269,8 +269,7 @@ def run_study(cfg: Config, *, worker: int = 0,
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)  # a dead worker's trial: failed, queued again
     study.sampler = optuna.samplers.TPESampler(
-        seed=sampler_seed(cfg, len(study.get_trials(deepcopy=False)), worker),
-        n_startup_trials=tc.sampler_startup_trials)
+        seed=sampler_seed(cfg, len(study.get_trials(deepcopy=False)), worker))
     runner = TrialRunner(cfg, objective, knobs, name, worker)
 
     import mlflow

@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping
 from dntsync.config import Config
 from dntsync.env.predictors import Drift, HoldLast
 from dntsync.files import write_json
+from dntsync.tracking import training_run
 from dntsync.twin.checkpoint import save_twin
 from dntsync.twin.data import TrajectoryData, TwinDataModule, load_trajectories
 from dntsync.twin.evaluation import evaluate, one_step_predictions
@@ -138,27 +139,22 @@ def fit_twin(cfg: Config, *, callbacks: list | None = None, enable_progress_bar:
     `wall_s`, `module` (the TwinModule with the best weights) and, with `write_outputs`,
     `metrics` (the test-set report written to `twin.metrics`) and `outputs` (paths written:
     checkpoint, metrics, figure, CSV). With `log_mlflow` it runs inside
-    `mlflow_run(cfg, "twin")` (nested under an active run, e.g. a tuning study's) with
-    Lightning's MLFlowLogger on that run: params, per-epoch train/val losses, test metrics
+    `training_run(cfg, "twin")` (nested under an active run, e.g. a tuning study's), whose
+    Lightning logger writes to that run: params, per-epoch train/val losses, test metrics
     and the outputs as artifacts. Fails before any work if the data file does not fit `cfg`.
     """
     data = load_trajectories(cfg)
     callbacks = list(callbacks or [])
-    if not log_mlflow:
-        return _fit_and_report(cfg, data, callbacks, None, enable_progress_bar, write_outputs)
+    with training_run(cfg, "twin", log_mlflow, run_name=name,
+                      sections=MLFLOW_SECTIONS) as (run, logger):
+        if run is None:
+            return _fit_and_report(cfg, data, callbacks, logger, enable_progress_bar, write_outputs)
+        import mlflow
+        import mlflow.data
 
-    import mlflow
-    import mlflow.data
-    from lightning.pytorch.loggers import MLFlowLogger
-
-    from dntsync.tracking import experiment_name, mlflow_run
-
-    with mlflow_run(cfg, "twin", run_name=name, sections=MLFLOW_SECTIONS) as run:
         mlflow.log_input(mlflow.data.from_numpy(data.positions["train"], source=data.path,
                                                 name=f"trajectories-{data.config_hash}"),
                          context="training")
-        logger = MLFlowLogger(experiment_name=experiment_name(cfg, "twin"),
-                              tracking_uri=cfg.tracking.mlflow_uri, run_id=run.info.run_id)
         result = _fit_and_report(cfg, data, callbacks, logger, enable_progress_bar, write_outputs)
         mlflow.log_metrics({"best_val_loss": result["val_loss"], "best_epoch": result["best_epoch"],
                             "wall_s": result["wall_s"]})
@@ -187,8 +183,7 @@ def _fit_and_report(cfg: Config, data: TrajectoryData, callbacks: list, logger, 
                     write_outputs: bool) -> dict:
     start = time.perf_counter()
     with torch_threads(cfg.twin.num_threads):
-        module, fit = _train(cfg, data, callbacks, logger if logger is not None else False,
-                             progress)
+        module, fit = _train(cfg, data, callbacks, logger, progress)
         result = {**fit, "wall_s": time.perf_counter() - start, "module": module}
         if not write_outputs:
             return result
