@@ -52,6 +52,8 @@ README = REPO_ROOT / "README.md"
 ME = "tests/test_readme.py"
 PIPELINE = "tests/test_pipeline.py"
 PIPELINE_E2E = f"{PIPELINE}::test_every_figure_metric_and_report_exists_and_is_non_trivial"
+RUNS_PLACEMENT = "tests/test_runs.py::test_a_sweep_gives_the_same_numbers_on_the_local_default_and_on_a_separate_cluster"
+RUNS_FAULT = "tests/test_runs.py::test_a_worker_killed_mid_run_is_noticed_and_its_run_resumes_elsewhere"
 
 # ---------------------------------------------------------------------- the registry
 # normalised README command -> the tests that exercise it ("file::test") or "CI" (.ci/run).
@@ -128,10 +130,15 @@ REGISTRY: dict[str, tuple[str, ...]] = {
     "mlflow server --backend-store-uri postgresql+psycopg2://USER:PW@HOST/MLFLOW_DB --host 0.0.0.0 "
     "--allowed-hosts HOST:5000": (
         f"{ME}::test_mlflow_server_on_postgresql_records_a_training_run",),
+    # the scheduler and workers: started so by tests/test_runs.py (and by .ci/run)
+    "dask scheduler --port 8786": (RUNS_PLACEMENT, RUNS_FAULT),
+    "dask worker tcp://HOST:8786 --nthreads 1": (RUNS_PLACEMENT, RUNS_FAULT),
+    "dntsync sweep fig4 --set sweeps.cluster=tcp://HOST:8786 --set tracking.mlflow_uri=http://HOST:5000": (
+        RUNS_PLACEMENT, f"{ME}::test_mlflow_server_on_postgresql_records_a_training_run"),
 }
 
 COMMAND_PREFIXES = ("make ", "dntsync ", ".venv/bin/", "dvc ", "mlflow ", "optuna-dashboard ",
-                    "scripts/")
+                    "scripts/", "dask ")
 SHELL_FENCES = {"bash", "sh", "shell"}
 
 

@@ -414,6 +414,9 @@ class SweepsConfig:
     # the learners of the Fig. 3 setting (the train_marl stages, the report's learner table)
     fig3_algos: tuple[Algo, ...] = ("vdn", "iql", "qmix")
     workers: int = 2  # training runs in parallel (processes, one torch thread each)
+    # null: each batch of runs on a local Dask cluster of `workers` processes; an address
+    # (tcp://host:8786): the same runs on that Dask scheduler's workers (docs/pipeline.md)
+    cluster: str | None = None
     # greedy evaluation of the sweep runs every this many epochs; null: only at the end
     # (Figs. 4-6 use the final evaluation only; evaluating never changes training)
     eval_every: int | None = None
@@ -431,6 +434,9 @@ class SweepsConfig:
             _need(len(algos) >= 1 and len(set(algos)) == len(algos), f"{key}.{name}", list(algos),
                   f"need distinct names from {list(ALGOS)}")
         _need(self.workers >= 1, f"{key}.workers", self.workers, "need >= 1")
+        _need(self.cluster is None or re.fullmatch(r"(tcp|tls|inproc|ws|wss)://\S+", self.cluster),
+              f"{key}.cluster", self.cluster,
+              "need null (a local cluster) or a Dask scheduler address, e.g. tcp://10.0.0.5:8786")
         _need(self.eval_every is None or self.eval_every >= 1, f"{key}.eval_every",
               self.eval_every, "need >= 1, or null for the end of training only")
         self.fig4.validate(f"{key}.fig4")

@@ -75,14 +75,14 @@ DVC_HINT = "Use `dvc push` to send your updates to remote storage."  # no remote
 
 
 def run_stages(stages: list[str], dvc: str, workers: int, logs: Path, cwd: Path,
-               env: dict[str, str]) -> int:
-    """`dvc repro --single-item` of each stage, `workers` at a time (`run_jobs`), each one's
-    output to `logs/<stage>.log`; the first non-zero exit code (or 0), each failure's log
-    tail said."""
+               env: dict[str, str], cluster: str | None = None) -> int:
+    """`dvc repro --single-item` of each stage, `workers` at a time (`run_jobs`, on
+    `cluster` if given), each one's output to `logs/<stage>.log`; the first non-zero exit
+    code (or 0), each failure's log tail said."""
     logs.mkdir(parents=True, exist_ok=True)
     jobs = [("command", stage, [dvc, "--wait-for-lock", "repro", "--single-item", stage],
              str(logs / f"{stage}.log"), str(cwd), env) for stage in stages]
-    results = run_jobs(jobs, workers, f"train_marl ({workers} at a time, logs in {logs})")
+    results = run_jobs(jobs, workers, f"train_marl (logs in {logs})", cluster=cluster)
     failed = [r for r in results if r["returncode"]]
     for r in failed:
         tail = Path(r["log"]).read_text().splitlines()[-15:]
@@ -126,7 +126,7 @@ def repro(cfg: Config, workdir: Path, force: bool = False) -> int:
             returncode = run_dvc([dvc, "repro", "train_twin"], cwd=workdir, env=env)
             if returncode == 0:
                 returncode = run_stages(matrix_stages(cfg), dvc, cfg.sweeps.workers,
-                                        workdir / LOGS, workdir, env)
+                                        workdir / LOGS, workdir, env, cfg.sweeps.cluster)
             if returncode == 0:
                 returncode = run_dvc([dvc, "repro"], cwd=workdir, env=env)
         import mlflow

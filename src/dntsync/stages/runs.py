@@ -1,23 +1,36 @@
-"""The one process runner of the stages: jobs in parallel worker processes, for
-`train-learners`, `sweep` and the pipeline's parallel DVC stages (a helper of the stages,
-as `dntsync.stages.common`; not a stage).
+"""The one executor of the stages' batches of runs, on Dask distributed: the Fig. 3 learner
+stages of the pipeline, the sweeps' twins and learners, `train-learners` (a helper of the
+stages, as `dntsync.stages.common`; not a stage).
+
+Why Dask: a pure-Python install of a few MB (`distributed`, `dask` and small dependencies;
+Ray's wheel alone is 60+ MB and starts a daemon set of its own), a local cluster that starts
+in about a second, and a scheduler that notices a lost worker (its heartbeat and its
+connection) and reschedules the lost worker's tasks elsewhere, which is the fault handling
+the runs need: a rerun resumes from the run's last checkpoint (`fit_marl`).
+
+By default (`sweeps.cluster: null`) each batch starts a `LocalCluster` of `sweeps.workers`
+worker processes with one thread each (the runs are single-threaded torch), so `make run`
+needs no set-up; `sweeps.cluster: tcp://host:8786` sends the same jobs to a running
+scheduler (`dask scheduler`, `dask worker tcp://host:8786 --nthreads 1` on any machine
+started in the project directory; docs/pipeline.md "Scale out").
 
 A job is ("twin", config, where), ("marl", config, algo, seed, where) or ("command", name,
-argv, log, cwd, env); configs travel as plain dicts. A finished learner run is found by
-its metrics file (same config) and not repeated; an interrupted one resumes from its last
-checkpoint (`fit_marl`). Workers use one torch thread each, so `workers` runs share the
-machine's cores without oversubscription.
+argv, log, cwd, env); configs travel as plain dicts and every path in them is relative to
+the project directory, which each job enters first. A finished learner run is found by its
+metrics file (same config) and not repeated; an interrupted one resumes from its last
+checkpoint.
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
+import contextlib
 import json
-import multiprocessing
+import logging
+import os
 import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
-
-from tqdm import tqdm
 
 from dntsync.config import Config, to_plain
 from dntsync.files import save_npz, write_json
@@ -69,9 +82,13 @@ def run_command(name: str, argv: list[str], log: str, cwd: str, env: dict[str, s
     return {"name": name, "returncode": code, "log": log}
 
 
-def _job(kind: str, *args) -> dict:
+def _job(root: str, kind: str, *args) -> dict:
+    """One job on a worker, in the project directory `root`."""
+    if os.getcwd() != root:
+        os.chdir(root)  # workers run one job at a time (one thread each)
     if kind == "command":
         return run_command(*args)
+    _worker_init()
     from dntsync.config import from_dict
 
     cfg = from_dict(args[0])
@@ -80,56 +97,98 @@ def _job(kind: str, *args) -> dict:
     return train_point_learner(cfg, *args[1:])
 
 
-def _dispatch_order(pending: set[int], done: set[int], needs, cost) -> list[int]:
-    """Jobs whose prerequisites are done, costliest first (ties: in the given order)."""
-    ready = [i for i in pending if all(j in done for j in needs[i])]
-    return sorted(ready, key=lambda i: (-cost[i], i))
+def _after(_prerequisites: list, root: str, *job) -> dict:
+    """`_job` once the futures passed as `_prerequisites` are done (Dask waits for them)."""
+    return _job(root, *job)
+
+
+@contextlib.contextmanager
+def cluster_client(workers: int, address: str | None) -> Iterator:
+    """A Dask client: of the scheduler at `address`, or of a local cluster of `workers`
+    single-threaded worker processes, started for the batch and closed after it."""
+    from distributed import Client, LocalCluster
+
+    if address:
+        with Client(address, timeout="30s") as client:
+            yield client
+        return
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                      dashboard_address=None, silence_logs=logging.CRITICAL,
+                      memory_limit=0) as cluster, Client(cluster) as client:
+        yield client
 
 
 def run_jobs(jobs: list[tuple], workers: int, desc: str, *, needs: list[list[int]] | None = None,
-             cost: list[float] | None = None) -> list[dict]:
-    """Run `_job(*args)` for each job in `workers` processes, with a progress bar; results in
-    the jobs' order.
+             cost: list[float] | None = None, cluster: str | None = None) -> list[dict]:
+    """Run each job on the Dask cluster (`cluster_client`), with progress (done / running /
+    left, failures) on stderr; the results in the jobs' order.
 
-    `needs[i]` lists the jobs that must finish before job i starts (a sweep point's learners
-    wait for its twin, not for every twin). Whenever a worker is free it takes the ready job
-    with the highest `cost[i]` (an estimate of its run time), so the longest runs do not
-    start last and leave the other workers idle at the end (longest-processing-time-first).
+    `needs[i]` lists the jobs that must finish before job i starts (a sweep point's
+    learners wait for its twin, not for every twin); ready jobs start costliest first
+    (`cost[i]`, an estimate of the run time: Dask's `priority`), so the longest runs do not
+    start last. A job whose worker dies is rescheduled by Dask on another worker, where it
+    resumes from its last checkpoint; a job that raises fails the batch after every other
+    job has finished, so nothing finished is lost.
     """
     if not jobs:
         return []
     needs = needs or [[] for _ in jobs]
     cost = cost or [0.0] * len(jobs)
-    pending, done, results = set(range(len(jobs))), set(), [None] * len(jobs)
-    bar = tqdm(total=len(jobs), desc=desc)
-    if workers == 1:
-        _worker_init()
-        while pending:
-            ready = _dispatch_order(pending, done, needs, cost)
-            if not ready:
-                raise ValueError(f"{desc}: jobs {sorted(pending)} wait for jobs that never run")
-            i = ready[0]
-            pending.discard(i)
-            results[i] = _job(*jobs[i])
-            done.add(i)
-            bar.update()
-        bar.close()
-        return results
-    ctx = multiprocessing.get_context("spawn")
-    with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) as pool:
-        running: dict[cf.Future, int] = {}
-        while pending or running:
-            # only as many in flight as workers, so that each free worker picks then
-            for i in _dispatch_order(pending, done, needs, cost)[:workers - len(running)]:
-                pending.discard(i)
-                running[pool.submit(_job, *jobs[i])] = i
-            if not running:
-                raise ValueError(f"{desc}: jobs {sorted(pending)} wait for jobs that never run")
-            finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
-            for future in finished:
-                i = running.pop(future)
-                results[i] = future.result()
-                done.add(i)
+    _check_order(needs, desc)
+    from distributed import as_completed
+    from tqdm import tqdm
+
+    root = str(Path.cwd().resolve())
+    with cluster_client(workers, cluster) as client:
+        futures: list = [None] * len(jobs)
+        for i in _submission_order(needs):
+            priority = cost[i] if cost[i] != float("inf") else 1e12
+            if needs[i]:
+                futures[i] = client.submit(_after, [futures[j] for j in needs[i]], root, *jobs[i],
+                                           priority=priority, pure=False)
+            else:
+                futures[i] = client.submit(_job, root, *jobs[i], priority=priority, pure=False)
+        index = {f.key: i for i, f in enumerate(futures)}
+        results: list = [None] * len(jobs)
+        failures: list[tuple[int, BaseException]] = []
+        with tqdm(total=len(jobs), desc=desc) as bar:
+            for future in as_completed(futures):
+                i = index[future.key]
+                if future.status == "error":
+                    failures.append((i, future.exception()))
+                    bar.write(f"{desc}: job {i} ({' '.join(map(str, jobs[i][:1]))}) failed: "
+                              f"{failures[-1][1]!r}", file=sys.stderr)
+                else:
+                    results[i] = future.result()
                 bar.update()
-    bar.close()
+                running = sum(len(keys) for keys in client.processing().values())
+                bar.set_postfix_str(f"running {running}, failed {len(failures)}")
+    if failures:  # every other job has finished: raise the first failure's own error
+        raise failures[0][1]
     return results
+
+
+def _submission_order(needs: list[list[int]]) -> list[int]:
+    """The jobs in an order where each comes after its prerequisites."""
+    order, placed = [], set()
+    while len(order) < len(needs):
+        for i in range(len(needs)):
+            if i not in placed and all(j in placed for j in needs[i]):
+                order.append(i)
+                placed.add(i)
+    return order
+
+
+def _check_order(needs: list[list[int]], desc: str) -> None:
+    """Every prerequisite exists and none waits on itself, directly or not."""
+    placed: set[int] = set()
+    changed = True
+    while changed:
+        changed = False
+        for i, deps in enumerate(needs):
+            if i not in placed and all(j in placed for j in deps):
+                placed.add(i)
+                changed = True
+    stuck = sorted(set(range(len(needs))) - placed)
+    if stuck:
+        raise ValueError(f"{desc}: jobs {stuck} wait for jobs that never run")

@@ -62,7 +62,7 @@ def run(cfg: Config, args) -> int:
     needs = [[] for _ in twins] + [[twins[v]] if v in twins else [] for v, _, _ in keys]
     cost = [float("inf")] * len(twins) + [float(configs[v].scenario.n_users) for v, _, _ in keys]
     reports = run_jobs(jobs, cfg.sweeps.workers, f"{sweep}: twins and learners", needs=needs,
-                       cost=cost)[len(twins):]
+                       cost=cost, cluster=cfg.sweeps.cluster)[len(twins):]
     results: dict = {}
     for (v, a, _), rep in zip(keys, reports):
         results.setdefault((v, a), []).append(rep)

@@ -2,10 +2,11 @@
 
 The Fig. 3 setting in one command, outside DVC: the same runs as the pipeline's
 `train_marl@<A>-<S>` stages (`dntsync train-marl --algo A --seed S` for each (A, S)), spread
-over `sweeps.workers` processes. Writes per-seed networks, metrics and curves under
-`marl.outputs.model_dir` and `marl.outputs.metrics_dir`, and the aggregate over seeds `<metrics_dir>/marl_<algo>.json` with
-`<model_dir>/<algo>.ckpt` (the first seed's networks). Finished runs are not repeated;
-interrupted ones resume from their last checkpoint.
+over `sweeps.workers` processes (`dntsync.stages.runs`, Dask). Writes per-seed networks,
+metrics and curves under `marl.outputs.model_dir` and `marl.outputs.metrics_dir`, and the
+aggregate over seeds `<metrics_dir>/marl_<algo>.json` with `<model_dir>/<algo>.ckpt` (the
+first seed's networks). Finished runs are not repeated; interrupted ones resume from their
+last checkpoint.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ def run(cfg: Config, args) -> int:
     prepare_store(cfg)
     keys = [(a, s) for a in cfg.sweeps.fig3_algos for s in cfg.marl.seeds]
     reports = run_jobs([("marl", to_plain(cfg), a, s) for a, s in keys], cfg.sweeps.workers,
-                       "learners")
+                       "learners", cluster=cfg.sweeps.cluster)
     for algo in cfg.sweeps.fig3_algos:
         summary = write_summary(cfg, algo, [r for (a, _), r in zip(keys, reports) if a == algo])
         print(f"{algo}: eval team reward {summary['eval_team_reward']:.3f} "
