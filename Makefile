@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_env.py
 	$(PY) benchmarks/bench_twin.py
 	$(PY) benchmarks/bench_marl.py
+	$(PY) benchmarks/bench_executor.py
 
 # Hyper-parameter search (docs/tuning.md), e.g. make tune TUNE_ARGS="--objective twin --n-trials 40"
 tune: $(STAMP)

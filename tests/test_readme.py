@@ -511,6 +511,7 @@ def test_benchmark_scripts_run_and_write_their_results(tmp_path):
         "bench_twin.py": ["--seconds", "0.05", "--repeats", "1", "--out", "results/twin.json",
                           "--checkpoint", str(tmp_path / "no-twin.ckpt")],  # a fresh twin
         "bench_marl.py": ["--repeats", "1", "--skip-full-run"],
+        "bench_executor.py": ["--repeats", "1", "--out", "results/executor.json"],
     }
     assert set(short) == {p.name for p in bench.iterdir()}  # every script `make bench` runs
     for script, args in short.items():
@@ -525,6 +526,8 @@ def test_benchmark_scripts_run_and_write_their_results(tmp_path):
     marl = json.loads((bench / "results/marl.json").read_text())
     assert set(marl["updates"]) == {"flat", "factorised", "branching"} and set(marl["heads"]) == {"U12", "U16"}
     assert "full_run" not in marl
+    executor = json.loads((tmp_path / "results/executor.json").read_text())
+    assert len(executor["batch_s"]) == 1 and executor["batch_s"][0] > 0
 
 
 # ---------------------------------------------------------------------- scale out: MLflow
