@@ -444,7 +444,7 @@ MAKE_TARGETS = {
     "quick": [".venv/bin/dntsync pipeline --profile conf/profiles/quick.yaml"],
     "test": [".venv/bin/python -m pytest"],
     "bench": [".venv/bin/python benchmarks/bench_env.py", ".venv/bin/python benchmarks/bench_twin.py",
-              ".venv/bin/python benchmarks/bench_marl.py"],
+              ".venv/bin/python benchmarks/bench_marl.py", ".venv/bin/python benchmarks/bench_executor.py"],
     "tune": [".venv/bin/dntsync tune"],
     "paper": [".venv/bin/dntsync pipeline --profile conf/profiles/paper.yaml",
               ".venv/bin/python scripts/keep_results.py .profiles/paper docs/results/paper"],
