@@ -132,7 +132,7 @@ REGISTRY: dict[str, tuple[str, ...]] = {
         f"{ME}::test_mlflow_server_on_postgresql_records_a_training_run",),
     # the scheduler and workers: started so by tests/test_runs.py (and by .ci/run)
     "dask scheduler --port 8786": (RUNS_PLACEMENT, RUNS_FAULT),
-    "dask worker tcp://HOST:8786 --nthreads 1": (RUNS_PLACEMENT, RUNS_FAULT),
+    "dask worker tcp://HOST:8786 --nthreads 1 --no-nanny": (RUNS_PLACEMENT, RUNS_FAULT),
     "dntsync sweep fig4 --set sweeps.cluster=tcp://HOST:8786 --set tracking.mlflow_uri=http://HOST:5000": (
         RUNS_PLACEMENT, f"{ME}::test_mlflow_server_on_postgresql_records_a_training_run"),
 }

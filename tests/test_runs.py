@@ -191,3 +191,10 @@ def test_a_worker_killed_mid_run_is_noticed_and_its_run_resumes_elsewhere(tmp_pa
     mlflow.set_tracking_uri("sqlite:///mlflow.db")
     finished = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert [r.info.status for r in finished] == ["FINISHED"]  # one run, continued
+
+
+def test_local_workers_leave_malloc_alone():
+    """Dask's nannies would set MALLOC_TRIM_THRESHOLD_, which makes a learner run 1.8x slower."""
+    with runs.cluster_client(2, None) as client:
+        assert set(client.run(os.environ.get, "MALLOC_TRIM_THRESHOLD_").values()) == {None}
+    assert "MALLOC_TRIM_THRESHOLD_" not in os.environ

@@ -35,6 +35,8 @@ from pathlib import Path
 from dntsync.config import Config, to_plain
 from dntsync.files import save_npz, write_json
 
+UNSET_MALLOC = "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"
+
 
 def _worker_init() -> None:
     import torch
@@ -106,15 +108,20 @@ def _after(_prerequisites: list, root: str, *job) -> dict:
 def cluster_client(workers: int, address: str | None) -> Iterator:
     """A Dask client: of the scheduler at `address`, or of a local cluster of `workers`
     single-threaded worker processes, started for the batch and closed after it."""
+    import dask
     from distributed import Client, LocalCluster
 
     if address:
         with Client(address, timeout="30s") as client:
             yield client
         return
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                      dashboard_address=None, silence_logs=logging.CRITICAL,
-                      memory_limit=0) as cluster, Client(cluster) as client:
+    # Dask's nannies set MALLOC_TRIM_THRESHOLD_=65536 in their workers (and in this process);
+    # a fixed threshold turns off glibc's adaptive one, and a learner run then takes 1.8x
+    # as long (benchmarks/README.md, "The executor"): leave malloc as it is
+    with dask.config.set({UNSET_MALLOC: None}), \
+            LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                         dashboard_address=None, silence_logs=logging.CRITICAL,
+                         memory_limit=0) as cluster, Client(cluster) as client:
         yield client
 
 
