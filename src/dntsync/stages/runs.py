@@ -11,8 +11,8 @@ the runs need: a rerun resumes from the run's last checkpoint (`fit_marl`).
 By default (`sweeps.cluster: null`) each batch starts a `LocalCluster` of `sweeps.workers`
 worker processes with one thread each (the runs are single-threaded torch), so `make run`
 needs no set-up; `sweeps.cluster: tcp://host:8786` sends the same jobs to a running
-scheduler (`dask scheduler`, `dask worker tcp://host:8786 --nthreads 1` on any machine
-started in the project directory; docs/pipeline.md "Scale out").
+scheduler (`dask scheduler`, `dask worker tcp://host:8786 --nthreads 1 --no-nanny` on any
+machine that shares the project directory; docs/pipeline.md "Scale-out details").
 
 A job is ("twin", config, where), ("marl", config, algo, seed, where) or ("command", name,
 argv, log, cwd, env); configs travel as plain dicts and every path in them is relative to
@@ -141,14 +141,14 @@ def run_jobs(jobs: list[tuple], workers: int, desc: str, *, needs: list[list[int
         return []
     needs = needs or [[] for _ in jobs]
     cost = cost or [0.0] * len(jobs)
-    _check_order(needs, desc)
+    order = _order(needs, desc)
     from distributed import as_completed
     from tqdm import tqdm
 
     root = str(Path.cwd().resolve())
     with cluster_client(workers, cluster) as client:
         futures: list = [None] * len(jobs)
-        for i in _submission_order(needs):
+        for i in order:
             priority = cost[i] if cost[i] != float("inf") else 1e12
             if needs[i]:
                 futures[i] = client.submit(_after, [futures[j] for j in needs[i]], root, *jobs[i],
@@ -175,27 +175,20 @@ def run_jobs(jobs: list[tuple], workers: int, desc: str, *, needs: list[list[int
     return results
 
 
-def _submission_order(needs: list[list[int]]) -> list[int]:
-    """The jobs in an order where each comes after its prerequisites."""
-    order, placed = [], set()
-    while len(order) < len(needs):
-        for i in range(len(needs)):
-            if i not in placed and all(j in placed for j in needs[i]):
-                order.append(i)
-                placed.add(i)
-    return order
-
-
-def _check_order(needs: list[list[int]], desc: str) -> None:
-    """Every prerequisite exists and none waits on itself, directly or not."""
+def _order(needs: list[list[int]], desc: str) -> list[int]:
+    """The jobs in an order where each comes after its prerequisites; jobs that can never
+    start (a prerequisite that does not exist or waits on them) are refused."""
+    order: list[int] = []
     placed: set[int] = set()
     changed = True
     while changed:
         changed = False
         for i, deps in enumerate(needs):
             if i not in placed and all(j in placed for j in deps):
+                order.append(i)
                 placed.add(i)
                 changed = True
     stuck = sorted(set(range(len(needs))) - placed)
     if stuck:
         raise ValueError(f"{desc}: jobs {stuck} wait for jobs that never run")
+    return order
