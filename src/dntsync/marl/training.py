@@ -285,7 +285,7 @@ def fit_marl(cfg: Config, *, algo: str | None = None, seed: int | None = None,
     seed = cfg.seed if seed is None else seed
     if algo not in LEARNERS:
         raise ValueError(f"algo = {algo!r} is invalid: choose from {sorted(LEARNERS)}")
-    cfg = replace_in(replace_in(cfg, "", seed=seed), "marl.algorithm", name=algo)
+    cfg = replace_in(dataclasses.replace(cfg, seed=seed), "marl.algorithm", name=algo)
     if predictor is None:
         from dntsync.twin.predictor import build_predictor  # the twin layer: only when used
 
