@@ -168,7 +168,10 @@ def run_jobs(jobs: list[tuple], workers: int, desc: str, *, needs: list[list[int
                 else:
                     results[i] = future.result()
                 bar.update()
-                running = sum(len(keys) for keys in client.processing().values())
+                # a worker may hold more tasks than threads (Dask queues some on it)
+                threads = client.nthreads()
+                running = sum(min(len(keys), threads.get(w, 1))
+                              for w, keys in client.processing().items())
                 bar.set_postfix_str(f"running {running}, failed {len(failures)}")
     if failures:  # every other job has finished: raise the first failure's own error
         raise failures[0][1]
