@@ -91,3 +91,32 @@ def test_ablation_runs_from_the_paper_profile_to_the_default_learner():
     assert to_plain(first) != to_plain(default)
     for _, sets in ablation.LEAVE_ONE_OUT:  # each undoes a change the default has
         assert to_plain(apply_overrides(default, sets)) != to_plain(default)
+
+
+def test_upload_value_splits_an_uploads_effect_into_its_slot_and_the_slots_after(tmp_path):
+    """scripts/upload_value.py (docs/learners.md, "Why the BSs upload rarely at eps 0.5"): the
+    discounted sums add up the per-slot changes, gamma 0 is the upload's own slot, and an
+    upload never raises the DNT error of its slot (the change beyond the rate is >= 0)."""
+    import importlib.util
+    import json
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("upload_value", root / "scripts" / "upload_value.py")
+    upload_value = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(upload_value)
+    cfg = from_dict({"env": {"predictor": "hold-last"}, "scenario": {"eps": 0.5}})
+    result = upload_value.upload_values(cfg, slots=[2, 6], n_episodes=8, seed=3, gammas=(0.0, 1.0))
+    assert result["predictor"].startswith("hold-last") and len(result["rows"]) == 3 * 2
+    for row in result["rows"]:
+        assert row["discounted"]["0.0"] == pytest.approx(row["at_upload"])
+        assert row["discounted"]["1.0"] == pytest.approx(row["at_upload"] + row["sum_after"])
+        assert row["at_upload"] - row["rate_at_upload"] >= -1e-9  # the DNT part of its slot
+        assert row["rate_at_upload"] < 0  # its RB and its interference cost rate
+    periodic = result["periodic"]
+    assert periodic["nearest-every-1"]["dnt_error"] < periodic["nearest-never"]["dnt_error"]
+    assert periodic["nearest-every-1"]["sum_rate"] < periodic["nearest-never"]["sum_rate"]
+    out = tmp_path / "values.json"
+    assert upload_value.main(["--set", "env.predictor=hold-last", "--slots", "4", "--episodes", "2",
+                              "--out", str(out)]) == 0
+    assert [r["slot"] for r in json.loads(out.read_text())["rows"]] == [4, 4, 4]
+    assert upload_value.main(["--slots", "30"]) == 2  # past the episode: refused before any work

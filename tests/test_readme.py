@@ -74,7 +74,10 @@ REGISTRY: dict[str, tuple[str, ...]] = {
                    f"{ME}::test_quick_profile_lays_the_documented_reduced_copy",
                    "tests/test_config.py::test_paper_profile_is_the_paper_literal_learner"),
     "make ablation": (f"{ME}::test_make_targets_run_the_documented_commands",
-                      "tests/test_learning.py::test_ablation_runs_from_the_paper_profile_to_the_default_learner"),
+                      "tests/test_learning.py::test_ablation_runs_from_the_paper_profile_to_the_default_learner",
+                      "tests/test_learning.py::test_upload_value_splits_an_uploads_effect_into_its_slot_and_the_slots_after"),
+    "scripts/upload_value.py": (
+        "tests/test_learning.py::test_upload_value_splits_an_uploads_effect_into_its_slot_and_the_slots_after",),
     # The pipeline: `dntsync pipeline --profile conf/profiles/tiny.yaml` runs `dvc repro`,
     # which runs every stage command, in tests/test_pipeline.py's `project` fixture
     "dvc repro": (PIPELINE_E2E,),
@@ -448,7 +451,9 @@ MAKE_TARGETS = {
     "tune": [".venv/bin/dntsync tune"],
     "paper": [".venv/bin/dntsync pipeline --profile conf/profiles/paper.yaml",
               ".venv/bin/python scripts/keep_results.py .profiles/paper docs/results/paper"],
-    "ablation": [".venv/bin/python scripts/ablation.py"],
+    "ablation": [".venv/bin/python scripts/ablation.py",
+                 ".venv/bin/python scripts/upload_value.py --set scenario.eps=0.5 --set scenario.n_rbs=9",
+                 ".venv/bin/python scripts/upload_value.py --out benchmarks/results/upload_value_fig3.json"],
 }
 
 
