@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -569,3 +570,31 @@ def test_sparse_head_update_touches_only_sampled_rows_and_first_step_equals_adam
     # (up to rounding: a step of lr = 1e-2 is m/sqrt(v), sensitive in its last digits)
     for (k, a), b in zip(sparse_l.online.state_dict().items(), dense_l.online.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=5e-5, msg=lambda s: f"{k}: {s}")
+
+
+@pytest.mark.parametrize("learner_cls", [VDN, IQL])
+def test_reward_centering_regresses_on_the_reward_minus_its_running_mean(learner_cls):
+    """`marl.algorithm.reward_centering` = beta: the TD target's reward less r-bar, which
+    starts at the first minibatch's mean and moves by beta towards each later one (per agent
+    for IQL's local rewards); every Q and next value as without it."""
+    scenario = Scenario(**TINY)
+    first, second = episode_batch(scenario, 3, seed=4), episode_batch(scenario, 3, seed=9)
+    kwargs = dict(obs_dim=first.obs.shape[-1], n_users=scenario.n_users, hidden=16,
+                  head="branching", target_update_epochs=0, user_dim=3)
+    torch.manual_seed(0)
+    plain = learner_cls(scenario.n_bs, **kwargs)
+    torch.manual_seed(0)
+    centred = learner_cls(scenario.n_bs, reward_centering=0.25, **kwargs)
+    field = "team_reward" if learner_cls is VDN else "local_rewards"
+
+    def shifted(batch, centre):
+        return dataclasses.replace(batch, **{field: getattr(batch, field) - centre})
+
+    dims = (0, 1)
+    mean1 = getattr(first, field).mean(dim=dims)
+    assert centred.td_loss(first).item() == pytest.approx(plain.td_loss(shifted(first, mean1)).item(), rel=1e-5)
+    mean2 = getattr(second, field).mean(dim=dims)
+    centre = mean1 + 0.25 * (mean2 - mean1)
+    assert centred.td_loss(second).item() == pytest.approx(plain.td_loss(shifted(second, centre)).item(), rel=1e-5)
+    assert torch.allclose(centred.reward_centre.reshape(centre.shape), centre)
+    assert "reward_centre" in centred.state_dict() and "reward_centre" not in plain.state_dict()

@@ -219,8 +219,13 @@ class AlgorithmConfig:
     target_update_epochs: int = 0
     double_q: bool = True
     grad_clip: float = 10.0
+    # step of the running mean r-bar taken from every reward in the TD target (0: none);
+    # no policy's rank changes (fixed-length episodes). docs/learners.md, "Reward centering"
+    reward_centering: float = 0.0
 
     def validate(self, key: str) -> None:
+        _need(0 <= self.reward_centering <= 1, f"{key}.reward_centering", self.reward_centering,
+              "need 0 <= beta <= 1 (0: no centering)")
         _need(self.epochs >= 1, f"{key}.epochs", self.epochs, "need G >= 1")
         _need(0 <= self.gamma < 1, f"{key}.gamma", self.gamma, "need 0 <= gamma < 1")
         _need(0 < self.lr < 1, f"{key}.lr", self.lr, "need 0 < lambda_Q < 1")

@@ -168,7 +168,7 @@ class QLearner(pl.LightningModule):
                  double_q: bool = True, target_update_epochs: int = 2,
                  epsilon_start: float = 1.0, epsilon_end: float = 0.05,
                  epsilon_decay_epochs: int = 50, exploration: str = "action",
-                 user_dim: int = 3, state_dim: int = 0) -> None:
+                 user_dim: int = 3, state_dim: int = 0, reward_centering: float = 0.0) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False  # two optimisers with `sparse_head`: see training_step
@@ -180,6 +180,9 @@ class QLearner(pl.LightningModule):
         self.target_mixer = copy.deepcopy(self.mixer)
         if self.target_mixer is not None:
             self.target_mixer.requires_grad_(False)
+        if reward_centering > 0:  # the reward's running mean, saved with the model (resumes exactly)
+            size = n_agents if self.mixer is None else 1
+            self.register_buffer("reward_centre", torch.full((size,), float("nan")))
 
     def trained_parameters(self) -> list[nn.Parameter]:
         """What the optimisers update and the gradient clip covers: the agents' nets, then
@@ -237,10 +240,30 @@ class QLearner(pl.LightningModule):
             # no slot after the last one: its value is masked by `terminated` below
             next_q = torch.cat([next_q, torch.zeros_like(next_q[:, :1])], dim=1)
         q, reward, next_value = self.td_terms(chosen_q, next_q, batch)
+        reward = self.centred(reward, batch.filled)
         not_done = _like(1.0 - batch.terminated, q)
         target = reward + hp.gamma * not_done * next_value  # y~, eqs. (20)-(21)
         mask = _like(batch.filled, q).expand_as(q)
         return (((q - target) * mask) ** 2).sum() / mask.sum()  # eq. (22) / (37)
+
+    def centred(self, reward: Tensor, filled: Tensor) -> Tensor:
+        """With `reward_centering` = beta > 0: the reward minus its running mean r-bar (per
+        agent for IQL's local rewards), r-bar <- r-bar + beta (minibatch mean - r-bar), starting
+        at the first minibatch's mean (Naik et al. 2024, "Reward centering"). Every episode has
+        T slots, so a constant taken from every reward moves every policy's return from a slot
+        by the same amount and no policy's rank; it takes r-bar / (1 - gamma) out of the Q
+        values. Called once per update (it advances r-bar)."""
+        beta = self.hparams.get("reward_centering", 0.0)
+        if not beta:
+            return reward
+        with torch.no_grad():
+            mask = _like(filled, reward)
+            mean = (reward * mask).sum(dim=(0, 1)) / mask.sum(dim=(0, 1))
+            old = self.reward_centre
+            self.reward_centre.copy_(torch.where(torch.isnan(old), mean.reshape(old.shape),
+                                                 old + beta * (mean.reshape(old.shape) - old)))
+        centre = self.reward_centre if reward.dim() == 3 else self.reward_centre[0]
+        return reward - centre
 
     def training_step(self, batch: EpisodeBatch, batch_idx: int) -> Tensor:
         optimizers = self.optimizers()
