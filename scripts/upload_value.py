@@ -40,16 +40,16 @@ PERIODS = (1, 2, 3, 5, 10, 15, "never")
 
 
 class OneUpload:
-    """Nearest-BS serving; BS `bs` uploads at slot `slot` only (`bs=None`: nobody uploads)."""
+    """Nearest-BS serving; BS `bs` uploads at slot `slot` only."""
 
-    def __init__(self, scenario, bs: int | None, slot: int) -> None:
+    def __init__(self, scenario, bs: int, slot: int) -> None:
         self.scenario, self.bs, self.slot = scenario, bs, slot
-        self.name = "never" if bs is None else f"bs{bs}-at-{slot}"
+        self.name = f"bs{bs}-at-{slot}"
 
     def act(self, state):
         serve = nearest_association(self.scenario, state.user_xy, state.covered)
         upload = np.zeros(serve.shape[:-1], dtype=bool)
-        if self.bs is not None and state.t == self.slot:
+        if state.t == self.slot:
             upload[:, self.bs] = True
         return encode(upload, serve)
 
@@ -63,14 +63,15 @@ def upload_values(cfg, slots: list[int], n_episodes: int, seed: int,
     env = DntEnv(cfg.scenario, predictor, n_envs=n_episodes, seed=seed,
                  **cfg.env.observation_options())
 
-    def play(bs, slot):
-        return rollout(env, as_episode_policy(OneUpload(cfg.scenario, bs, slot)), seed=seed).steps
+    def play(policy):
+        return rollout(env, as_episode_policy(policy), seed=seed).steps
 
-    base = play(None, 0)
+    periodic_steps = {every: play(NearestBS(cfg.scenario, every)) for every in PERIODS}
+    base = periodic_steps["never"]  # nobody uploads
     rows = []
     for bs in range(cfg.scenario.n_bs):
         for k in slots:
-            steps = play(bs, k)
+            steps = play(OneUpload(cfg.scenario, bs, k))
             change = (steps["team_reward"] - base["team_reward"]).mean(axis=0)[k:]  # slots k..T-1
             rate = cfg.scenario.eps * (steps["sum_rate"] - base["sum_rate"]).mean(axis=0)[k]
             rows.append({
@@ -80,11 +81,9 @@ def upload_values(cfg, slots: list[int], n_episodes: int, seed: int,
                 "discounted": {str(g): float(np.sum(change * g ** np.arange(len(change))))
                                for g in gammas},
             })
-    periodic = {}
-    for every in PERIODS:
-        policy = NearestBS(cfg.scenario, every)
-        steps = rollout(env, as_episode_policy(policy), seed=seed).steps
-        periodic[policy.name] = {k: float(steps[k].mean()) for k in ("team_reward", "sum_rate", "dnt_error")}
+    periodic = {NearestBS(cfg.scenario, every).name:
+                {k: float(steps[k].mean()) for k in ("team_reward", "sum_rate", "dnt_error")}
+                for every, steps in periodic_steps.items()}
     return {"predictor": description, "episodes": n_episodes, "seed": seed, "rows": rows,
             "periodic": periodic}
 
