@@ -26,7 +26,8 @@ Setting: docs/model.md's default scenario (U = 12, M = 3, N = 12, T = 30), `conf
 Each timing is the median of several repeats (the machine may be shared). Writes
 `benchmarks/results/marl.json`.
 
-Usage: `.venv/bin/python benchmarks/bench_marl.py [--threads 1] [--skip-full-run] [--repeats 5]`.
+Usage: `.venv/bin/python benchmarks/bench_marl.py [--threads 1] [--skip-full-run | --full-run-epochs G]
+[--repeats 5]`.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -44,6 +46,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from dntsync.files import write_json
 
 RESULTS = Path(__file__).parent / "results" / "marl.json"
 TARGET_FULL_RUN_S = 300.0
@@ -173,7 +177,8 @@ class _Clock:
         setattr(owner, attr, timed)
 
 
-def bench_full_run(algo: str = "vdn") -> dict:
+def bench_full_run(algo: str = "vdn", epochs: int | None = None) -> dict:
+    """One whole default run (`epochs`: G of the config unless given; tests shorten it)."""
     import lightning.pytorch as pl
 
     from dntsync.config import load_config
@@ -198,17 +203,16 @@ def bench_full_run(algo: str = "vdn") -> dict:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             clock.total["optimizer"] = clock.total.get("optimizer", 0.0) + time.perf_counter() - self.t
 
-    cfg = load_config("conf/params.yaml", ["env.predictor=hold-last"])
-    # outputs on (the stage's path: baselines at the end, checkpoints every epoch) but in a
+    # outputs on (the stage's path: baselines at the end, resumable checkpoints) but in a
     # scratch folder; MLflow off
     scratch = Path("benchmarks/results/_scratch_marl")
-    import dataclasses
-    import shutil
-
     shutil.rmtree(scratch, ignore_errors=True)
-    cfg = dataclasses.replace(cfg, marl=dataclasses.replace(
-        cfg.marl, model_dir=str(scratch / "models"), metrics_dir=str(scratch / "metrics"),
-        checkpoint_dir=str(scratch / "checkpoints")))
+    overrides = ["env.predictor=hold-last", f"marl.outputs.model_dir={scratch / 'models'}",
+                 f"marl.outputs.metrics_dir={scratch / 'metrics'}",
+                 f"marl.outputs.checkpoint_dir={scratch / 'checkpoints'}"]
+    if epochs is not None:
+        overrides.append(f"marl.algorithm.epochs={epochs}")
+    cfg = load_config("conf/params.yaml", overrides)
     started = time.perf_counter()
     report = fit_marl(cfg, algo=algo, seed=0, callbacks=[Phases()], enable_progress_bar=False,
                       log_mlflow=False, write_outputs=True)
@@ -304,6 +308,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-full-run", action="store_true")
+    parser.add_argument("--full-run-epochs", type=int, default=None,
+                        help="epochs of the full run (default: marl.algorithm.epochs)")
     parser.add_argument("--head-variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -322,11 +328,10 @@ def main() -> None:
     print("masked max", json.dumps(results["masked_max"], indent=1), flush=True)
     results["heads"] = bench_heads(args.repeats, args.threads)
     if not args.skip_full_run:
-        results["full_run"] = bench_full_run("vdn")
+        results["full_run"] = bench_full_run("vdn", args.full_run_epochs)
         print("full run", json.dumps(results["full_run"], indent=1), flush=True)
     results["machine"]["load_avg_at_end"] = os.getloadavg()
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=1))
+    write_json(RESULTS, results)
     print(f"wrote {RESULTS}")
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -515,7 +516,7 @@ def test_benchmark_scripts_run_and_write_their_results(tmp_path):
         "bench_env.py": ["--seconds", "0.05", "--repeats", "1", "--out", "results/env.json"],
         "bench_twin.py": ["--seconds", "0.05", "--repeats", "1", "--out", "results/twin.json",
                           "--checkpoint", str(tmp_path / "no-twin.ckpt")],  # a fresh twin
-        "bench_marl.py": ["--repeats", "1", "--skip-full-run"],
+        "bench_marl.py": ["--repeats", "1", "--full-run-epochs", "1"],
         "bench_executor.py": ["--repeats", "1", "--out", "results/executor.json"],
     }
     assert set(short) == {p.name for p in bench.iterdir()}  # every script `make bench` runs
@@ -530,7 +531,10 @@ def test_benchmark_scripts_run_and_write_their_results(tmp_path):
     assert twin["ratio_gru_over_hold_last"] > 0 and "freshly initialised" in twin["gru"]["source"]
     marl = json.loads((bench / "results/marl.json").read_text())
     assert set(marl["updates"]) == {"flat", "factorised", "branching"} and set(marl["heads"]) == {"U12", "U16"}
-    assert "full_run" not in marl
+    full = marl["full_run"]  # the whole default run's path (outputs on, baselines), one epoch
+    assert full["epochs"] == 1 and full["updates"] == full["batches_per_epoch"]
+    assert math.isfinite(full["eval_team_reward"]) and full["wall_s"] > 0
+    assert not (bench / "results/_scratch_marl").exists()
     executor = json.loads((tmp_path / "results/executor.json").read_text())
     assert len(executor["batch_s"]) == 1 and executor["batch_s"][0] > 0
 
