@@ -30,7 +30,6 @@ if hasattr(os, "sched_setaffinity"):
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import platform  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -40,6 +39,7 @@ import scipy  # noqa: E402
 
 from dntsync.env import DntEnv, HoldLast, random_valid, resolve  # noqa: E402
 from dntsync.env.actions import decode  # noqa: E402
+from dntsync.files import write_json  # noqa: E402
 from dntsync.network import Scenario  # noqa: E402
 
 BATCH_SIZES = (1, 256)
@@ -189,8 +189,7 @@ def main() -> None:
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "targets": met,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report, indent=2)
     print(f"wrote {args.out}")
 
 

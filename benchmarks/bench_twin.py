@@ -25,7 +25,6 @@ if hasattr(os, "sched_setaffinity"):
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import platform  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -35,6 +34,7 @@ import torch  # noqa: E402
 
 from dntsync.config import TwinConfig  # noqa: E402
 from dntsync.env import DntEnv, HoldLast, random_valid  # noqa: E402
+from dntsync.files import write_json  # noqa: E402
 from dntsync.network import Scenario  # noqa: E402
 from dntsync.twin import GruPredictor, GruTwin, Scaler, TwinCheckpointError  # noqa: E402
 
@@ -131,8 +131,7 @@ def main() -> None:
         "ratio_gru_over_hold_last": ratio,
         "targets": {f"ratio >= {TARGET_RATIO}": met},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report, indent=2)
     print(f"wrote {args.out}")
 
 
