@@ -67,7 +67,7 @@ def _peak_rss_mb() -> float:
 
 # ---------------------------------------------------------------------- building blocks
 # The flat head (the paper profile's), which the masked max section times.
-FLAT = ["marl.network.head=flat"]
+FLAT = ["marl.network.head=flat", "marl.network.association=false"]
 
 
 def _setup(overrides: list[str], algo: str = "vdn"):
@@ -144,7 +144,7 @@ def _update_times(learner, data, batch_size: int, repeats: int, grad_clip: float
 def bench_updates(repeats: int) -> dict:
     out = {}
     for head in ("flat", "factorised", "branching"):
-        cfg, data, learner = _setup([f"marl.network.head={head}"])
+        cfg, data, learner = _setup([f"marl.network.head={head}", "marl.network.association=false"])
         for epoch in range(2):
             data.collect(epoch)
         algorithm = cfg.marl.algorithm
@@ -239,6 +239,7 @@ def head_variant(n_users: int, variant: str, repeats: int) -> dict:
     head = "factorised" if variant == "factorised" else "flat"
     sparse = "true" if variant == "gathered" else "false"  # gathered-dense: all rows, Adam
     cfg, data, learner = _setup([f"scenario.n_users={n_users}", f"marl.network.head={head}",
+                                 "marl.network.association=false",
                                  "marl.collection.episodes_per_epoch=32",
                                  f"marl.network.sparse_head={sparse}"])
     data.collect(0)

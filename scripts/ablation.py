@@ -30,9 +30,9 @@ RESULTS = ROOT / "benchmarks" / "results" / "ablation.json"
 # (name, overrides added by the row); row 0 is conf/profiles/paper.yaml's learner
 ROWS: list[tuple[str, list[str]]] = [
     ("paper", ["env.observation=positions_only", "env.obs_frame=area", "env.user_features=[]",
-               "marl.network.head=flat", "marl.algorithm.lr=1e-4", "marl.collection.exploration=action",
-               "marl.collection.epsilon_start=0.5", "marl.collection.epsilon_end=0.05",
-               "marl.algorithm.target_update_epochs=2"]),
+               "marl.network.head=flat", "marl.network.association=false", "marl.algorithm.lr=1e-4",
+               "marl.collection.exploration=action", "marl.collection.epsilon_start=0.5",
+               "marl.collection.epsilon_end=0.05", "marl.algorithm.target_update_epochs=2"]),
     ("upload-state", ["env.observation=full"]),
     ("branching-head", ["marl.network.head=branching"]),
     ("bs-frame", ["env.obs_frame=bs"]),
@@ -41,6 +41,7 @@ ROWS: list[tuple[str, list[str]]] = [
     ("lr-2e-3", ["marl.algorithm.lr=2e-3"]),
     ("no-target-net", ["marl.algorithm.target_update_epochs=0"]),
     ("greedy-end", ["marl.collection.epsilon_end=0"]),
+    ("association", ["marl.network.association=true"]),
 ]
 
 

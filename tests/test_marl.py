@@ -13,10 +13,11 @@ import torch
 
 from dntsync.config import ALGOS, apply_overrides, from_dict
 from dntsync.env import DntEnv, Drift, RandomValid, action_mask, is_valid
+from dntsync.env.actions import decode
 from dntsync.env.evaluate import Rollout, StatelessPolicy, rollout
 from dntsync.marl import IQL, VDN, FactorisedHead, FlatHead, QPolicy
 from dntsync.marl.learners import LEARNERS, QMIX, QMixer
-from dntsync.marl.networks import BranchingHead, valid_mask
+from dntsync.marl.networks import AgentQNets, BranchingHead, valid_mask
 from dntsync.marl.replay import EpisodeBatch, EpisodeReplay
 from dntsync.marl.training import fit_marl
 from dntsync.network import Scenario
@@ -156,10 +157,13 @@ def episode_batch(scenario: Scenario, n_episodes: int, seed: int) -> EpisodeBatc
 
 def make_learner(cls, double_q: bool, scenario: Scenario, obs_dim: int, head: str = "flat",
                  target_update_epochs: int = 2):
+    """`head` "association": the branching head with the BSs' association (`episode_batch`'s frame)."""
     torch.manual_seed(1)
+    association = DntEnv(scenario).layout() if head == "association" else None
     learner = cls(n_agents=scenario.n_bs, obs_dim=obs_dim, n_users=scenario.n_users, hidden=6,
-                  head=head, gamma=0.2, double_q=double_q, target_update_epochs=target_update_epochs,
-                  state_dim=2 * scenario.n_users + 2 * scenario.n_bs)
+                  head="branching" if association else head, gamma=0.2, double_q=double_q,
+                  target_update_epochs=target_update_epochs,
+                  state_dim=2 * scenario.n_users + 2 * scenario.n_bs, association=association)
     with torch.no_grad():  # a target net (and mixer) that differs from the online one
         targets = [learner.target] + ([learner.target_mixer] if learner.target_mixer is not None else [])
         for p in (p for t in targets for p in t.parameters()):
@@ -196,12 +200,14 @@ def next_value_table(learner, batch) -> np.ndarray:
 
 
 @pytest.mark.parametrize("target_update_epochs", [2, 0])  # a target net / none (online bootstrap)
-@pytest.mark.parametrize("head", ["flat", "branching"])
+@pytest.mark.parametrize("head", ["flat", "branching", "association"])
 @pytest.mark.parametrize("double_q", [False, True])
 def test_vdn_loss_is_eq_22_by_hand(double_q, head, target_update_epochs):
     scenario = Scenario(**TINY)
     batch = episode_batch(scenario, 3, seed=4)
     learner = make_learner(VDN, double_q, scenario, batch.obs.shape[-1], head, target_update_epochs)
+    if head == "association":  # the batch has users two BSs cover, whose terms it replaces
+        assert (batch.covered.sum(-2) >= 2).any()
     # an invalid action with a huge Q must never be chosen nor maxed over: "upload and serve
     # every user" for the BSs that never cover every user in these episodes
     serve_all = 2 ** (scenario.n_users + 1) - 1
@@ -275,6 +281,74 @@ def test_qmix_mixing_is_monotonic_and_its_weights_are_trained():
                for p in g["params"]}
     assert {id(p) for p in learner.mixer.parameters()} <= trained
     assert not any(p.requires_grad for p in learner.target_mixer.parameters())
+
+
+def association_nets(env: DntEnv, hidden: int = 16) -> tuple[AgentQNets, AgentQNets]:
+    """Branching-head nets with the association and the same nets without it."""
+    torch.manual_seed(0)
+    args = (env.n_agents, env.obs_dim, hidden, env.scenario.n_users, "branching")
+    nets = AgentQNets(*args, user_dim=env.user_dim, association=env.layout())
+    plain = AgentQNets(*args, user_dim=env.user_dim)
+    plain.agents.load_state_dict(nets.agents.state_dict())
+    return nets, plain
+
+
+@pytest.mark.parametrize("obs_frame", ["bs", "area"])
+def test_association_serves_each_user_several_bss_cover_exactly_once(obs_frame):
+    """Whatever the weights, the greedy BSs serve every user two BSs cover from exactly one of
+    them (their two terms are opposite); the users one BS covers keep the head's own term."""
+    scenario = Scenario(n_users=12, episode_length=4)
+    env = DntEnv(scenario, Drift(scenario), n_envs=64, seed=3, obs_frame=obs_frame,
+                 user_features=("others",))
+    nets, plain = association_nets(env)
+    obs, covered = env.reset()
+    obs_t = torch.as_tensor(obs)
+    several = covered.sum(1) >= 2  # [B, U]
+    assert several.sum() > 20 and (covered.sum(1) <= 2).all()
+    pairs = np.nonzero(several)
+    with torch.no_grad():
+        hidden = nets.unroll(obs_t[:, None])[:, 0]  # [B, M, h]
+        own = plain.head_outputs(hidden, obs_t)
+        for _ in range(3):  # three score networks
+            terms = nets.head_outputs(hidden, obs_t)
+            _, best = nets.masked_max(terms, torch.as_tensor(covered))
+            serve = decode(best.numpy(), scenario.n_users)[1]  # [B, M, U]
+            assert (serve.sum(1)[several] == 1).all()
+            serve_terms = terms[..., 2:].numpy()  # [B, M, U]
+            sums = (serve_terms * covered).sum(1)[pairs]
+            np.testing.assert_allclose(sums, 0.0, atol=1e-4)  # each BS's float32 distances
+            single = covered & ~several[:, None, :]
+            np.testing.assert_array_equal(serve_terms[single], own[..., 2:].numpy()[single])
+            np.testing.assert_array_equal(terms[..., :2], own[..., :2])  # q_0 and upload untouched
+            for p in nets.association.parameters():
+                p.add_(torch.randn_like(p))
+
+
+def test_association_with_a_score_falling_with_distance_is_the_nearest_bs_rule():
+    from dntsync.env.policies import nearest_association
+
+    scenario = Scenario(n_users=12, episode_length=4)
+    env = DntEnv(scenario, Drift(scenario), n_envs=64, seed=5, obs_frame="bs")
+    nets, _ = association_nets(env)
+    with torch.no_grad():  # h(d) = -d: relu(d) in one hidden unit, passed on, negated
+        for p in nets.association.parameters():
+            p.zero_()
+        first, second, out = (m for m in nets.association.score if isinstance(m, torch.nn.Linear))
+        first.weight[0, 0] = second.weight[0, 0] = 1.0
+        out.weight[0, 0] = -1.0
+    obs, covered = env.reset()
+    obs_t = torch.as_tensor(obs)
+    with torch.no_grad():
+        terms = nets.head_outputs(nets.unroll(obs_t[:, None])[:, 0], obs_t)
+        serve = decode(nets.masked_max(terms, torch.as_tensor(covered))[1].numpy(), 12)[1]
+    several = covered.sum(1) >= 2
+    nearest = nearest_association(scenario, env.state.user_xy, covered)
+    np.testing.assert_array_equal(serve.transpose(0, 2, 1)[several], nearest.transpose(0, 2, 1)[several])
+
+
+def test_the_association_needs_a_per_bit_head():
+    with pytest.raises(ValueError, match="per-bit head"):
+        AgentQNets(3, 8, 4, 2, "flat", association=DntEnv(Scenario(n_users=2)).layout())
 
 
 def test_one_registry_of_learners_and_heads():

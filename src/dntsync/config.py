@@ -244,14 +244,20 @@ class NetworkConfig:
     the paper's flat 2^(U+1) head (conf/profiles/paper.yaml) settles on a policy that ignores
     where users are. `sparse_head` (row-sparse SparseAdam updates of the flat head) keeps the
     flat head practical at U = 16 (one update 0.47 s -> 0.08 s) with the same greedy reward.
+    `association` (per-bit heads only): the users several BSs cover are served by exactly
+    one of them, chosen by a score of its distance that all BSs learn together
+    (`dntsync.marl.networks.Association`); off, each BS's own serve term decides.
     """
 
     head: Head = "branching"
     hidden: int = 128  # theta^h (Table II)
     sparse_head: bool = True
+    association: bool = True
 
     def validate(self, key: str) -> None:
         _need(self.hidden >= 1, f"{key}.hidden", self.hidden, "need >= 1")
+        _need(not (self.association and self.head == "flat"), f"{key}.association", self.association,
+              f"the association needs a per-bit head; set {key}.association=false with head flat")
 
 
 @dataclass(frozen=True)

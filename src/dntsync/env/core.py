@@ -174,6 +174,16 @@ class DntEnv:
         """Each BS's `[B, M]` last upload outcome and slots since its last success, / T, capped at 1."""
         return self._last_ok, np.minimum(self._since_ok / self.scenario.episode_length, 1.0)
 
+    def layout(self) -> dict[str, list | float]:
+        """What every BS knows without observing: the BS positions, the coverage radius and
+        the frame of the users' (x, y) in each BS's observation (absolute position =
+        xy * frame_half + frame_center, `[M, 2]` each), as plain lists."""
+        n_bs = self.n_agents
+        return {"bs_positions": np.asarray(self.scenario.bs_positions, dtype=float).tolist(),
+                "coverage_radius": float(self.scenario.coverage_radius),
+                "frame_center": np.broadcast_to(self._center, (n_bs, 2)).tolist(),
+                "frame_half": np.broadcast_to(self._half, (n_bs, 2)).tolist()}
+
     def global_state(self) -> np.ndarray:
         """The global state s_t of the slot, `[B, state_dim]` float32 (what a centralised
         mixer may read in training, never a BS): every user's position in the area's frame,

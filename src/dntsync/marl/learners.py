@@ -168,12 +168,13 @@ class QLearner(pl.LightningModule):
                  double_q: bool = True, target_update_epochs: int = 2,
                  epsilon_start: float = 1.0, epsilon_end: float = 0.05,
                  epsilon_decay_epochs: int = 50, exploration: str = "action",
-                 user_dim: int = 3, state_dim: int = 0, reward_centering: float = 0.0) -> None:
+                 user_dim: int = 3, state_dim: int = 0, reward_centering: float = 0.0,
+                 association: dict | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False  # two optimisers with `sparse_head`: see training_step
         self.online = AgentQNets(n_agents, obs_dim, hidden, n_users, head, sparse_head,
-                                 user_dim)  # theta_m
+                                 user_dim, association)  # theta_m
         self.target = copy.deepcopy(self.online)  # theta~_m
         self.target.requires_grad_(False)
         self.mixer = self.make_mixer(n_agents, state_dim)

@@ -18,6 +18,11 @@ Three heads produce the Q values of the 2^(U+1) actions (bit 0 = upload, bit u+1
 - `BranchingHead` (the default): the same per-bit form, each user's serve term from one
   network shared by the users that reads the BS's state and that user's own numbers.
 
+With a per-bit head, `Association` (`marl.network.association`, the default) replaces the
+serve terms of the users several BSs cover by a conflict-free rule the BSs learn together:
+each covering BS's score from one network of its distance to the user, and a BS's term is
+its own score minus the best other covering BS's, so exactly one of them serves the user.
+
 Each head first turns the hidden states into what it reads (`outputs(x, users)`: the
 hidden states themselves for the flat head, the U + 2 terms for the per-bit heads, computed
 once per batch), then answers the same three questions: `q(outputs, actions)`,
@@ -261,6 +266,62 @@ class BranchingHead(FactorisedHead):
 
 HEADS = {"flat": FlatHead, "factorised": FactorisedHead, "branching": BranchingHead}
 
+ASSOCIATION_WIDTH = 64  # the score network's hidden width (the width measured; docs/learners.md)
+COVERAGE_TOLERANCE = 1e-4  # relative: a float32 position at the coverage edge still counts
+
+
+class Association(nn.Module):
+    """Which BS serves a user that several BSs cover, learnt without conflicts.
+
+    Every BS computes, for each covered user u, the distance d_m(u) / R from u to every BS m
+    that covers it (u's position is in its own observation, the BS positions and the
+    coverage radius R are public), and one score network shared by all BSs gives
+    h(d_m(u) / R). BS m's serve term for u is then
+
+        q_m(u) = h(d_m(u) / R) - max over the other covering BSs m' of h(d_m'(u) / R),
+
+    positive for exactly one covering BS (ties aside), so the BSs' greedy actions never serve
+    u twice and always serve it, with no message between them. The learner learns h from the
+    team reward through these terms (VDN sums them); a decreasing h is the nearest-BS rule.
+    Users only one BS covers keep their head's own serve term.
+
+    `layout`: "bs_positions" `[M, 2]`, "coverage_radius", and the affine frame of the
+    users' (x, y) in each BS's observation, "frame_center" and "frame_half" `[M, 2]` (the
+    absolute position is `xy * half + center`; `DntEnv.layout`).
+    """
+
+    def __init__(self, layout: dict) -> None:
+        super().__init__()
+        for name in ("bs_positions", "frame_center", "frame_half"):
+            self.register_buffer(name, torch.tensor(layout[name], dtype=torch.get_default_dtype()),
+                                 persistent=False)
+        self.radius = float(layout["coverage_radius"])
+        self.score = nn.Sequential(nn.Linear(1, ASSOCIATION_WIDTH), nn.ReLU(),
+                                   nn.Linear(ASSOCIATION_WIDTH, ASSOCIATION_WIDTH), nn.ReLU(),
+                                   nn.Linear(ASSOCIATION_WIDTH, 1))
+
+    def forward(self, terms: Tensor, users: Tensor) -> Tensor:
+        """Per-bit terms `[..., M, U+2]` (q_0, upload, serve user 1..U) with the serve terms
+        of the users several BSs cover replaced; `users[..., M, U, user_dim]` as the
+        observations hold them (x, y in the BS's frame, covered, ...)."""
+        n_m, n_u = users.shape[-3], users.shape[-2]
+        flat_terms = terms.reshape(-1, n_m, n_u + 2)
+        flat_users = users.reshape(-1, n_m, n_u, users.shape[-1])
+        row, bs, user = torch.nonzero(flat_users[..., COVERED_FEATURE] > 0.5, as_tuple=True)
+        xy = flat_users[row, bs, user, :2] * self.frame_half[bs] + self.frame_center[bs]  # [P, 2]
+        dist = torch.linalg.vector_norm(xy[:, None, :] - self.bs_positions, dim=-1) / self.radius  # [P, M]
+        pair = torch.arange(len(bs), device=terms.device)
+        rivals = dist <= 1 + COVERAGE_TOLERANCE
+        rivals[pair, bs] = False
+        several = rivals.any(-1)
+        if not bool(several.any()):
+            return terms
+        row, bs, user, dist, rivals = row[several], bs[several], user[several], dist[several], rivals[several]
+        h = self.score(dist[..., None])[..., 0]  # [P', M]
+        own = h.gather(1, bs[:, None])[:, 0]
+        best_rival = h.masked_fill(~rivals, float("-inf")).max(-1).values
+        return flat_terms.index_put((row, bs, user + 2), own - best_rival).view(terms.shape)
+
 
 class AgentQNet(nn.Module):
     """One BS's recurrent Q network theta_m: Linear(h) -> ReLU -> GRUCell(h) -> head. Its
@@ -316,11 +377,16 @@ class AgentQNets(nn.Module):
     """
 
     def __init__(self, n_agents: int, obs_dim: int, hidden: int, n_users: int,
-                 head: str = "flat", sparse_grad: bool = False, user_dim: int = 3) -> None:
+                 head: str = "flat", sparse_grad: bool = False, user_dim: int = 3,
+                 association: dict | None = None) -> None:
         super().__init__()
         self.n_users, self.user_dim = n_users, user_dim
         self.agents = nn.ModuleList(AgentQNet(obs_dim, hidden, n_users, head, sparse_grad, user_dim)
                                     for _ in range(n_agents))
+        if association is not None and head == "flat":
+            raise ValueError("the association needs a per-bit head (branching or factorised), not flat")
+        # one score network for every BS (`Association`), or None: each head's own serve terms
+        self.association = Association(association) if association is not None else None
 
     def sparse_parameters(self) -> list[nn.Parameter]:
         """The parameters whose gradients are sparse (the flat heads with `sparse_grad`)."""
@@ -368,9 +434,10 @@ class AgentQNets(nn.Module):
             return hidden
         h, users = hidden.shape[-1], self.users(obs)
         lead = hidden.shape[:-2]
-        return torch.stack([net.head.outputs(hidden[..., m, :].reshape(-1, h),
-                                             users[..., m, :, :].reshape(-1, self.n_users, self.user_dim))
-                            for m, net in enumerate(self.agents)], dim=1).view(*lead, len(self.agents), -1)
+        terms = torch.stack([net.head.outputs(hidden[..., m, :].reshape(-1, h),
+                                              users[..., m, :, :].reshape(-1, self.n_users, self.user_dim))
+                             for m, net in enumerate(self.agents)], dim=1).view(*lead, len(self.agents), -1)
+        return terms if self.association is None else self.association(terms, users)
 
     def q(self, outputs: Tensor, actions: Tensor) -> Tensor:
         """Q of the taken actions: `outputs[..., M, F]` (`head_outputs`), `actions[..., M]` -> `[..., M]`."""

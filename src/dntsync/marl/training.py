@@ -67,6 +67,7 @@ def build_learner(cfg: Config, algo: str, env: DntEnv) -> QLearner:
         epsilon_decay_epochs=mc.collection.epsilon_decay_epochs,
         exploration=mc.collection.exploration, user_dim=env.user_dim,
         state_dim=env.state_dim, reward_centering=mc.algorithm.reward_centering,
+        association=env.layout() if mc.network.association else None,
     )
 
 
