@@ -98,6 +98,9 @@ def open_storage(cfg: Config) -> RDBStorage:
     engine_kwargs = {}
     if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        # a writer waits up to 30 s for another connection's lock: sqlite3's default, 5 s, ran
+        # out once in CI on the loaded 2 cores, for a Ctrl-C'd worker failing its trial
+        engine_kwargs = {"connect_args": {"timeout": 30}}
     elif not url.startswith("sqlite"):
         engine_kwargs = {"pool_pre_ping": True}  # long studies outlive idle connections
     from sqlalchemy.exc import SQLAlchemyError
