@@ -11,7 +11,9 @@ positions). Its discounted sum sum_j gamma^j (change at k + j) is what a Q-learn
 gamma weighs against not uploading; gamma 1 is what the evaluation's per-slot mean counts.
 
 Beside it, the team reward per slot of the nearest-BS rule uploading every k slots (all BSs
-at t = 0, k, 2k, ...) on the same episodes: which fixed period the evaluation prefers.
+at t = 0, k, 2k, ...) on the same episodes: which fixed period the evaluation prefers; and
+the same periods staggered (BS m at t = o_m, o_m + k, ... with o_m = round(m k / M)), so the
+BSs' uploads fall in different slots.
 
 Writes `benchmarks/results/upload_value.json` (or `--out`) and prints the table. Uses the
 config's predictor (`env.predictor`, the twin at `env.twin_checkpoint`: `dvc repro train_twin`).
@@ -66,8 +68,11 @@ def upload_values(cfg, slots: list[int], n_episodes: int, seed: int,
     def play(policy):
         return rollout(env, as_episode_policy(policy), seed=seed).steps
 
-    periodic_steps = {every: play(NearestBS(cfg.scenario, every)) for every in PERIODS}
-    base = periodic_steps["never"]  # nobody uploads
+    rules = [NearestBS(cfg.scenario, every) for every in PERIODS]
+    rules += [NearestBS(cfg.scenario, every, staggered=True) for every in PERIODS
+              if isinstance(every, int) and every > 1]
+    periodic_steps = {rule.name: play(rule) for rule in rules}
+    base = periodic_steps["nearest-never"]  # nobody uploads
     rows = []
     for bs in range(cfg.scenario.n_bs):
         for k in slots:
@@ -81,9 +86,8 @@ def upload_values(cfg, slots: list[int], n_episodes: int, seed: int,
                 "discounted": {str(g): float(np.sum(change * g ** np.arange(len(change))))
                                for g in gammas},
             })
-    periodic = {NearestBS(cfg.scenario, every).name:
-                {k: float(steps[k].mean()) for k in ("team_reward", "sum_rate", "dnt_error")}
-                for every, steps in periodic_steps.items()}
+    periodic = {name: {k: float(steps[k].mean()) for k in ("team_reward", "sum_rate", "dnt_error")}
+                for name, steps in periodic_steps.items()}
     return {"predictor": description, "episodes": n_episodes, "seed": seed, "rows": rows,
             "periodic": periodic}
 

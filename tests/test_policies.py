@@ -107,13 +107,38 @@ def test_nearest_bs_uploads_every_k_slots(tiny):
     assert uploads == [t % 2 == 0 for t in range(tiny.episode_length)]
 
 
+def test_staggered_uploads_spread_the_bss_over_the_period(tiny):
+    """BS m uploads every k slots from slot round(m k / M) on: with k = M each slot has
+    exactly one uploading BS, and every BS uploads once per period."""
+    k = tiny.n_bs
+    env = DntEnv(tiny, n_envs=2, seed=0)
+    env.reset()
+    policy = NearestBS(tiny, k, staggered=True)
+    assert policy.name == f"nearest-every-{k}-staggered"
+    uploads = []
+    for _ in range(tiny.episode_length):
+        upload, serve = decode(policy.act(env.state), tiny.n_users)
+        _, nearest = decode(NearestBS(tiny, "never").act(env.state), tiny.n_users)
+        np.testing.assert_array_equal(serve, nearest)  # the same serving as the nearest-BS rule
+        assert (upload == upload[:1]).all()  # the same in every environment
+        uploads.append(upload[0])
+        env.step(np.zeros((2, tiny.n_bs), dtype=np.int64))
+    uploads = np.array(uploads)  # [T, M]
+    assert (uploads.sum(axis=1) == 1).all()
+    for m in range(tiny.n_bs):
+        assert np.flatnonzero(uploads[:, m]).tolist() == list(range(m, tiny.episode_length, k))
+
+
 def test_bad_upload_rule_is_rejected(tiny):
     for bad in ("sometimes", 0, -3):
         with pytest.raises(ValueError, match="upload"):
             NearestBS(tiny, bad)
+    with pytest.raises(ValueError, match="staggered"):
+        NearestBS(tiny, "always", staggered=True)
 
 
 def test_baseline_policies_names(tiny):
-    names = [p.name for p in baseline_policies(tiny, upload_every=4)]
-    assert names == ["random", "nearest-always", "nearest-never", "nearest-every-4", "oracle"]
+    names = [p.name for p in baseline_policies(tiny, (2, 4))]
+    assert names == ["random", "nearest-always", "nearest-never", "nearest-every-2", "nearest-every-4",
+                     "nearest-every-2-staggered", "nearest-every-4-staggered", "oracle"]
     assert "oracle" not in [p.name for p in baseline_policies(tiny, oracle=False)]

@@ -454,6 +454,8 @@ MAKE_TARGETS = {
               ".venv/bin/python scripts/keep_results.py .profiles/paper docs/results/paper"],
     "ablation": [".venv/bin/python scripts/ablation.py",
                  ".venv/bin/python scripts/upload_value.py --set scenario.eps=0.5 --set scenario.n_rbs=9",
+                 ".venv/bin/python scripts/upload_value.py --set scenario.eps=0.8 --set scenario.n_rbs=9 "
+                 "--out benchmarks/results/upload_value_e8.json",
                  ".venv/bin/python scripts/upload_value.py --out benchmarks/results/upload_value_fig3.json"],
 }
 

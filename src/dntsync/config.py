@@ -294,10 +294,17 @@ class EvaluationConfig:
     every: int = 3  # epochs (and the pruner's report); the last epoch is always evaluated
     episodes: int = 32
     seed: int = 10_000  # evaluation episodes use seed + i, never a training seed
+    # the heuristics' upload periods k: nearest-BS uploading every k slots, synchronised and
+    # staggered, beside always and never (`dntsync.env.policies.baseline_policies`)
+    upload_periods: tuple[int, ...] = (2, 3, 5, 10)
 
     def validate(self, key: str) -> None:
         for name in ("every", "episodes"):
             _need(getattr(self, name) >= 1, f"{key}.{name}", getattr(self, name), "need >= 1")
+        _need(all(isinstance(k, int) and not isinstance(k, bool) and k >= 2 for k in self.upload_periods)
+              and len(set(self.upload_periods)) == len(self.upload_periods),
+              f"{key}.upload_periods", list(self.upload_periods),
+              "need distinct whole numbers of slots >= 2 (every slot and never are always compared)")
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,10 @@
 
 Each maps the current `SlotState` of a batched environment to actions `[B, M]`:
 - `RandomValid`: every allowed bit on with probability 1/2;
-- `NearestBS(upload=...)`: each covered user is served by its nearest covering BS; uploads
-  "always", "never", or every k slots (an int k);
+- `NearestBS(upload=..., staggered=...)`: each covered user is served by its nearest covering
+  BS; uploads "always", "never", or every k slots (an int k): all BSs at t = 0, k, 2k, ...,
+  or staggered, BS m from slot round(m k / M) on, so the BSs' uploads (their RBs and their
+  interference) fall in different slots;
 - `MyopicOracle`: centralised and all-seeing (positions, fading, the twin's prediction); each
   slot it picks the joint association and uploads maximising the immediate team reward,
   exhaustively over the 2^M upload choices and over the covering BSs of each covered user,
@@ -54,22 +56,29 @@ def nearest_association(scenario: Scenario, user_xy: np.ndarray, covered: np.nda
 class NearestBS:
     """Nearest-BS association with a fixed upload rule."""
 
-    def __init__(self, scenario: Scenario, upload: str | int = "always") -> None:
+    def __init__(self, scenario: Scenario, upload: str | int = "always", staggered: bool = False) -> None:
         if not (upload in ("always", "never") or (isinstance(upload, int) and upload >= 1)):
             raise ValueError(f"upload = {upload!r} is invalid: need 'always', 'never' or an int k >= 1")
+        if staggered and not isinstance(upload, int):
+            raise ValueError(f"staggered uploads need a period k, not upload = {upload!r}")
         self.scenario = scenario
         self.upload = upload
         self.name = f"nearest-{upload}" if isinstance(upload, str) else f"nearest-every-{upload}"
+        # the slot of each BS's first upload: 0 for all, or spread over the period
+        self.offsets = np.zeros(scenario.n_bs, dtype=int)
+        if staggered:
+            self.offsets = np.round(np.arange(scenario.n_bs) * upload / scenario.n_bs).astype(int)
+            self.name += "-staggered"
 
     def act(self, state: SlotState) -> np.ndarray:
         serve = nearest_association(self.scenario, state.user_xy, state.covered)
         if self.upload == "always":
-            up = True
+            up = np.True_
         elif self.upload == "never":
-            up = False
+            up = np.False_
         else:
-            up = state.t % self.upload == 0
-        upload = np.full(serve.shape[:-1], up)
+            up = (state.t - self.offsets) % self.upload == 0  # [M]
+        upload = np.broadcast_to(up, serve.shape[:-1])
         return encode(upload, serve)
 
 
@@ -120,11 +129,16 @@ class MyopicOracle:
         return actions
 
 
-def baseline_policies(scenario: Scenario, upload_every: int = 5, seed: int = 0,
-                      oracle: bool = True) -> list:
-    """The standard comparison set: random, nearest-BS (always / never / every k), oracle."""
-    policies = [RandomValid(seed), NearestBS(scenario, "always"), NearestBS(scenario, "never"),
-                NearestBS(scenario, upload_every)]
+UPLOAD_PERIODS = (2, 3, 5, 10)  # `marl.evaluation.upload_periods`' default
+
+
+def baseline_policies(scenario: Scenario, upload_periods: tuple[int, ...] = UPLOAD_PERIODS,
+                      seed: int = 0, oracle: bool = True) -> list:
+    """The standard comparison set: random; nearest-BS uploading always, never, and every k
+    slots for each k of `upload_periods`, synchronised and staggered; the myopic oracle."""
+    policies = [RandomValid(seed), NearestBS(scenario, "always"), NearestBS(scenario, "never")]
+    policies += [NearestBS(scenario, k) for k in upload_periods]
+    policies += [NearestBS(scenario, k, staggered=True) for k in upload_periods]
     if oracle:
         policies.append(MyopicOracle(scenario))
     return policies

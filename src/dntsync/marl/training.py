@@ -259,7 +259,8 @@ def compare(learner_eval: dict, baselines: dict) -> dict:
 def evaluate_baselines(cfg: Config, evaluation: Evaluation) -> dict:
     """Every policy of `baseline_policies` on the learners' evaluation episodes."""
     results = {}
-    for policy in baseline_policies(cfg.scenario, seed=cfg.marl.evaluation.seed):
+    for policy in baseline_policies(cfg.scenario, cfg.marl.evaluation.upload_periods,
+                                    seed=cfg.marl.evaluation.seed):
         try:
             results[policy.name] = evaluation.run(policy)
         except ValueError as err:  # e.g. the oracle's search is too large for this scenario

@@ -23,6 +23,7 @@ from dntsync.stages.common import point_config, sweep_points, write_episode
 from dntsync.twin.predictor import build_predictor
 
 OUT = Path("metrics/fig6_episode.json")
+TRACE_REFERENCES = ("nearest-always", "nearest-every-5", "oracle")  # the heuristics Fig. 6 shows
 
 
 def per_slot(env: DntEnv, policy, seed: int) -> dict[str, list[float]]:
@@ -51,8 +52,8 @@ def trace(cfg: Config) -> dict:
             learner, _ = load_q_networks(path, pcfg)
             runs.append(per_slot(env, learner.greedy_policy(), seed))
         learners[algo] = {k: [r[k] for r in runs] for k in runs[0]}
-    references = [p for p in baseline_policies(pcfg.scenario)
-                  if p.name not in ("random", "nearest-never")]  # the informative references
+    references = [p for p in baseline_policies(pcfg.scenario, (5,))
+                  if p.name in TRACE_REFERENCES]  # the informative references
     baselines = {p.name: per_slot(env, p, seed) for p in references}
     return {"point": point.label, "overrides": list(point.overrides), "predictor": description,
             "episode_seed": seed, "seeds": list(cfg.marl.seeds),

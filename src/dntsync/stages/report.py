@@ -305,7 +305,8 @@ def build(cfg: Config) -> str:
     if bars:
         lines += ["## Do the learners learn the task?", "",
                   "VDN's greedy team reward beside the best heuristic (the best of nearest-BS "
-                  "always / never / every k uploads) and the myopic oracle (centralised, sees "
+                  "always / never / every k slots, synchronised or staggered, k in "
+                  f"{list(cfg.marl.evaluation.upload_periods)}) and the myopic oracle (centralised, sees "
                   "the fading) on the same evaluation episodes, at every setting the pipeline runs.",
                   "", *bars, ""]
     if twin:
