@@ -86,11 +86,11 @@ def _run(k: int, name: str, out: str, overrides: list[str], adds: list[str]) -> 
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| row | adds | team reward (std over seeds) | / best heuristic | / oracle |",
+    lines = ["| row | adds | team reward (std over seeds) | / best heuristic (which) | / oracle |",
              "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['row']} {r['name']} | `{' '.join(r['adds'])}` | {r['team_reward']:.2f} "
-                     f"({r['std_over_seeds']:.2f}) | {r['ratio_to_best_heuristic']:.3f} | "
+                     f"({r['std_over_seeds']:.2f}) | {r['ratio_to_best_heuristic']:.3f} ({r['best_heuristic']}) | "
                      f"{r['ratio_to_oracle']:.3f} |")
     return "\n".join(lines)
 

@@ -193,11 +193,11 @@ ABLATION = Path("benchmarks/results/ablation.json")  # scripts/ablation.py (make
 
 
 def ablation_table(ablation_rows: list[dict], what: str = "adds to the row above") -> list[str]:
-    rows = [f"| row | {what} | VDN team reward (± over seeds) | / best heuristic | / oracle |",
+    rows = [f"| row | {what} | VDN team reward (± over seeds) | / best heuristic (which) | / oracle |",
             "|---|---|---|---|---|"]
-    for r in ablation_rows:
+    for r in ablation_rows:  # a row keeps the heuristic set of its runs' day
         rows.append(f"| {r['row']} {r['name']} | `{' '.join(r['adds'])}` | {r['team_reward']:.2f} ± "
-                    f"{r['std_over_seeds']:.2f} | {r['ratio_to_best_heuristic']:.3f} | "
+                    f"{r['std_over_seeds']:.2f} | {r['ratio_to_best_heuristic']:.3f} ({r['best_heuristic']}) | "
                     f"{r['ratio_to_oracle']:.3f} |")
     return rows
 
