@@ -67,7 +67,7 @@ def _peak_rss_mb() -> float:
 
 # ---------------------------------------------------------------------- building blocks
 # The flat head (the paper profile's), which the masked max section times.
-FLAT = ["marl.network.head=flat", "marl.network.association=false"]
+FLAT = ["marl.network.head=flat", "marl.network.association=false", "marl.algorithm.error_gamma=0"]
 
 
 def _setup(overrides: list[str], algo: str = "vdn"):
@@ -144,7 +144,8 @@ def _update_times(learner, data, batch_size: int, repeats: int, grad_clip: float
 def bench_updates(repeats: int) -> dict:
     out = {}
     for head in ("flat", "factorised", "branching"):
-        cfg, data, learner = _setup([f"marl.network.head={head}", "marl.network.association=false"])
+        cfg, data, learner = _setup([f"marl.network.head={head}", "marl.network.association=false",
+                                     "marl.algorithm.error_gamma=0"])
         for epoch in range(2):
             data.collect(epoch)
         algorithm = cfg.marl.algorithm
@@ -239,7 +240,7 @@ def head_variant(n_users: int, variant: str, repeats: int) -> dict:
     head = "factorised" if variant == "factorised" else "flat"
     sparse = "true" if variant == "gathered" else "false"  # gathered-dense: all rows, Adam
     cfg, data, learner = _setup([f"scenario.n_users={n_users}", f"marl.network.head={head}",
-                                 "marl.network.association=false",
+                                 "marl.network.association=false", "marl.algorithm.error_gamma=0",
                                  "marl.collection.episodes_per_epoch=32",
                                  f"marl.network.sparse_head={sparse}"])
     data.collect(0)

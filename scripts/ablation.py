@@ -32,7 +32,8 @@ ROWS: list[tuple[str, list[str]]] = [
     ("paper", ["env.observation=positions_only", "env.obs_frame=area", "env.user_features=[]",
                "marl.network.head=flat", "marl.network.association=false", "marl.algorithm.lr=1e-4",
                "marl.collection.exploration=action", "marl.collection.epsilon_start=0.5",
-               "marl.collection.epsilon_end=0.05", "marl.algorithm.target_update_epochs=2"]),
+               "marl.collection.epsilon_end=0.05", "marl.algorithm.target_update_epochs=2",
+               "marl.algorithm.error_gamma=0"]),
     ("upload-state", ["env.observation=full"]),
     ("branching-head", ["marl.network.head=branching"]),
     ("bs-frame", ["env.obs_frame=bs"]),
@@ -42,6 +43,7 @@ ROWS: list[tuple[str, list[str]]] = [
     ("no-target-net", ["marl.algorithm.target_update_epochs=0"]),
     ("greedy-end", ["marl.collection.epsilon_end=0"]),
     ("association", ["marl.network.association=true"]),
+    ("error-value", ["marl.algorithm.error_gamma=0.8"]),
 ]
 
 

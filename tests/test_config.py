@@ -48,7 +48,7 @@ def test_paper_profile_is_the_paper_literal_learner(repo_root):
     assert (paper.env.observation, paper.env.obs_frame, paper.env.user_features) == \
         ("positions_only", "area", ())
     assert paper.marl.collection.exploration == "action" and algorithm.target_update_epochs >= 1
-    assert not network.association
+    assert not network.association and algorithm.error_gamma == 0  # one Q per BS
     assert paper.marl.collection.epsilon_end == 0.05  # the default learner ends greedy (0.0)
 
 
@@ -94,6 +94,9 @@ def test_to_dict_round_trips():
         ({"twin": {"self_feeding": 1}}, "twin.self_feeding", "1"),
         # the association needs a per-bit head
         ({"marl": {"network": {"head": "flat"}}}, "marl.network.association", "True"),
+        # so does the error value; its discount is below 1
+        ({"marl": {"network": {"head": "flat", "association": False}}}, "marl.algorithm.error_gamma", "0.8"),
+        ({"marl": {"algorithm": {"error_gamma": 1.0}}}, "marl.algorithm.error_gamma", "1.0"),
     ],
 )
 def test_bad_values_are_rejected_naming_key_and_value(data, key, value):

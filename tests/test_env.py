@@ -17,7 +17,7 @@ from dntsync.env import (
     resolve,
     valid_actions,
 )
-from dntsync.env.rewards import dnt_status, local_rewards, team_reward
+from dntsync.env.rewards import dnt_status, error_terms, local_rewards, team_reward
 from dntsync.network import Scenario
 
 # ---------------------------------------------------------------------------------- rewards
@@ -72,6 +72,24 @@ def test_local_penalty_counts_only_the_bs_own_conflicts():
     serve = _serve((0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (2, 2))
     got = local_rewards(SC3, SQ_ERROR, RATE, serve, covered)
     np.testing.assert_allclose(got, [-10.0 * (3 + 2), -10.0 * (3 + 2), -10.0 * 3])
+
+
+def test_error_terms_are_the_rewards_less_their_rate_terms_and_zero_under_a_penalty():
+    covered = np.array([[True, True, False], [True, True, False], [False, False, True]])
+    serve = _serve((0, 0), (1, 1), (2, 2))  # no conflict: reward = error term + eps * rates
+    team, local = error_terms(SC3, SQ_ERROR, serve, covered)
+    assert team == pytest.approx(-0.7 / 3 * 5)
+    assert team + 0.3 * RATE.sum() == pytest.approx(team_reward(SC3, SQ_ERROR, RATE, serve))
+    np.testing.assert_allclose(local, [-0.7 / 3 * 5, -0.7 / 3 * 5, 0.0])  # BS 2 covers u2 (error 0)
+    np.testing.assert_allclose(local + 0.3 * (serve * RATE).sum(-1),
+                               local_rewards(SC3, SQ_ERROR, RATE, serve, covered))
+    serve = _serve((0, 0), (0, 1), (1, 1), (2, 2))  # u1 served twice: BS 0 and 1 take the penalty
+    team, local = error_terms(SC3, SQ_ERROR, serve, covered)
+    assert team == 0.0
+    np.testing.assert_allclose(local, [0.0, 0.0, 0.0])
+    serve = _serve((0, 0), (0, 1), (1, 1))
+    np.testing.assert_allclose(error_terms(SC3, np.array([1.0, 4.0, 6.0]), serve, covered)[1],
+                               [0.0, 0.0, -0.7 / 3 * 6])  # BS 2's own reward is no penalty
 
 
 def test_user_outside_every_coverage_does_not_trigger_the_penalty():

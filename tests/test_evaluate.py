@@ -65,12 +65,13 @@ def test_same_episodes_for_every_call_and_seeds_are_seed_plus_batch_index(small)
 
 def test_rollout_records_valid_transitions_and_adapters(small):
     env = DntEnv(small, Drift(small), n_envs=3, seed=1)
-    policy = as_episode_policy(baseline_policies(small, oracle=False)[0])
+    policy = as_episode_policy(baseline_policies(small, (), oracle=False)[0])
     assert isinstance(policy, StatelessPolicy) and isinstance(policy, EpisodePolicy)
     out = rollout(env, policy, seed=5, record=True)
     T, M, U = small.episode_length, small.n_bs, small.n_users
     assert out.obs.shape == (3, T, M, env.obs_dim) and out.covered.shape == (3, T, M, U)
     assert out.actions.shape == (3, T, M) and out.local_rewards.shape == (3, T, M)
+    assert out.error_reward.shape == (3, T) and out.local_error_rewards.shape == (3, T, M)
     assert out.terminated[:, -1].all() and not out.terminated[:, :-1].any()
     assert is_valid(out.actions, out.covered).all()
     np.testing.assert_allclose(out.team_reward, out.steps["team_reward"])

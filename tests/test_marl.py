@@ -19,7 +19,7 @@ from dntsync.marl import IQL, VDN, FactorisedHead, FlatHead, QPolicy
 from dntsync.marl.learners import LEARNERS, QMIX, QMixer
 from dntsync.marl.networks import AgentQNets, BranchingHead, valid_mask
 from dntsync.marl.replay import EpisodeBatch, EpisodeReplay
-from dntsync.marl.training import fit_marl
+from dntsync.marl.training import build_learner, fit_marl
 from dntsync.network import Scenario
 
 torch.set_num_threads(1)
@@ -156,14 +156,15 @@ def episode_batch(scenario: Scenario, n_episodes: int, seed: int) -> EpisodeBatc
 
 
 def make_learner(cls, double_q: bool, scenario: Scenario, obs_dim: int, head: str = "flat",
-                 target_update_epochs: int = 2):
+                 target_update_epochs: int = 2, error_gamma: float = 0.0):
     """`head` "association": the branching head with the BSs' association (`episode_batch`'s frame)."""
     torch.manual_seed(1)
     association = DntEnv(scenario).layout() if head == "association" else None
     learner = cls(n_agents=scenario.n_bs, obs_dim=obs_dim, n_users=scenario.n_users, hidden=6,
                   head="branching" if association else head, gamma=0.2, double_q=double_q,
                   target_update_epochs=target_update_epochs,
-                  state_dim=2 * scenario.n_users + 2 * scenario.n_bs, association=association)
+                  state_dim=2 * scenario.n_users + 2 * scenario.n_bs, association=association,
+                  error_gamma=error_gamma)
     with torch.no_grad():  # a target net (and mixer) that differs from the online one
         targets = [learner.target] + ([learner.target_mixer] if learner.target_mixer is not None else [])
         for p in (p for t in targets for p in t.parameters()):
@@ -269,6 +270,69 @@ def test_qmix_loss_mixes_the_chosen_q_with_the_slot_state_and_the_next_value_wit
     assert learner.td_loss(batch).item() == pytest.approx(total / (B * T), rel=1e-4)
 
 
+@pytest.mark.parametrize("target_update_epochs", [2, 0])
+@pytest.mark.parametrize("cls", [VDN, IQL])
+def test_error_value_loss_by_hand(cls, target_update_epochs):
+    """`error_gamma` = g: Q = R + E. R is regressed on the reward less its DNT-error term plus
+    gamma times the next Q less the next E at the (double-Q) greedy action; E on the error
+    term's return over the rest of the episode, discounted by g. VDN sums the BSs against
+    the team's terms, IQL keeps each BS on its own."""
+    scenario = Scenario(**TINY)
+    batch = episode_batch(scenario, 3, seed=6)
+    assert (batch.error_reward < 0).any() and (batch.local_error_rewards <= 0).all()
+    g = 0.5
+    learner = make_learner(cls, True, scenario, batch.obs.shape[-1], "association",
+                           target_update_epochs, error_gamma=g)
+    with torch.no_grad():
+        nets = [learner.online, learner.online if target_update_epochs == 0 else learner.target]
+        q_on, q_tg = (all_q_values(n, batch.obs) for n in nets)  # R + E of every action
+        e_on, e_tg = (n.error_outputs(n.unroll(batch.obs)).numpy() for n in nets)  # [B, T, M, 2]
+    mask = action_mask(batch.covered.numpy()).astype(bool)
+    B, T, M = batch.actions.shape
+    acts = batch.actions.numpy()
+
+    def e_of(table, b, t, m, a):
+        return table[b, t, m, 0] + (a & 1) * table[b, t, m, 1]
+
+    def next_r(b, t, m):
+        if t == T - 1:
+            return 0.0
+        valid = np.nonzero(mask[b, t + 1, m])[0]
+        best = valid[np.argmax(q_on[b, t + 1, m, valid])]
+        return q_tg[b, t + 1, m, best] - e_of(e_tg, b, t + 1, m, best)
+
+    vdn = cls is VDN
+    err = (batch.error_reward if vdn else batch.local_error_rewards).numpy().astype(np.float64)
+    reward = (batch.team_reward if vdn else batch.local_rewards).numpy() - err
+    total = 0.0
+    for b in range(B):
+        for t in range(T):
+            ret = sum(g ** (s - t) * err[b, s] for s in range(t, T))
+            r = [q_on[b, t, m, acts[b, t, m]] - e_of(e_on, b, t, m, acts[b, t, m]) for m in range(M)]
+            e = [e_of(e_on, b, t, m, acts[b, t, m]) for m in range(M)]
+            nxt = [next_r(b, t, m) for m in range(M)]
+            if vdn:
+                total += (reward[b, t] + 0.2 * sum(nxt) - sum(r)) ** 2 + (ret - sum(e)) ** 2
+            else:
+                total += sum((reward[b, t, m] + 0.2 * nxt[m] - r[m]) ** 2 + (ret[m] - e[m]) ** 2
+                             for m in range(M))
+    expected = total / (B * T if vdn else B * T * M)
+    assert learner.td_loss(batch).item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_an_error_value_needs_a_sum_of_the_agents_q():
+    """QMIX's mixer is not a sum: it refuses an error value, and `build_learner` gives it none."""
+    scenario = Scenario(**TINY)
+    with pytest.raises(ValueError, match="error_gamma"):
+        make_learner(QMIX, True, scenario, 3 * scenario.n_users + 2, "branching", error_gamma=0.8)
+    cfg = from_dict({"scenario": TINY, "env": {"predictor": "drift"}})
+    assert cfg.marl.algorithm.error_gamma > 0
+    env = DntEnv(cfg.scenario, Drift(cfg.scenario), observation=cfg.env.observation,
+                 obs_frame=cfg.env.obs_frame, user_features=cfg.env.user_features)
+    assert build_learner(cfg, "qmix", env).online.error_terms is None
+    assert build_learner(cfg, "vdn", env).online.error_terms is not None
+
+
 def test_qmix_mixing_is_monotonic_and_its_weights_are_trained():
     torch.manual_seed(0)
     mixer = QMixer(n_agents=3, state_dim=10)
@@ -349,6 +413,8 @@ def test_association_with_a_score_falling_with_distance_is_the_nearest_bs_rule()
 def test_the_association_needs_a_per_bit_head():
     with pytest.raises(ValueError, match="per-bit head"):
         AgentQNets(3, 8, 4, 2, "flat", association=DntEnv(Scenario(n_users=2)).layout())
+    with pytest.raises(ValueError, match="per-bit head"):  # so does the error value
+        AgentQNets(3, 8, 4, 2, "flat", error_value=True)
 
 
 def test_one_registry_of_learners_and_heads():
@@ -406,7 +472,9 @@ def fake_episodes(ids: list[int], horizon: int = 2) -> Rollout:
     reward = np.repeat(np.array(ids, dtype=float)[:, None], horizon, axis=1)
     return Rollout(steps={}, obs=np.zeros((n, horizon, 1, 2)), covered=np.zeros((n, horizon, 1, 1)),
                    actions=np.zeros((n, horizon, 1)), team_reward=reward,
-                   local_rewards=reward[..., None], terminated=np.zeros((n, horizon)), state=np.zeros((n, horizon, 2)))
+                   local_rewards=reward[..., None], error_reward=reward,
+                   local_error_rewards=reward[..., None],
+                   terminated=np.zeros((n, horizon)), state=np.zeros((n, horizon, 2)))
 
 
 def test_replay_ring_overwrites_the_oldest_and_samples_held_episodes():

@@ -141,4 +141,4 @@ def test_baseline_policies_names(tiny):
     names = [p.name for p in baseline_policies(tiny, (2, 4))]
     assert names == ["random", "nearest-always", "nearest-never", "nearest-every-2", "nearest-every-4",
                      "nearest-every-2-staggered", "nearest-every-4-staggered", "oracle"]
-    assert "oracle" not in [p.name for p in baseline_policies(tiny, oracle=False)]
+    assert "oracle" not in [p.name for p in baseline_policies(tiny, (), oracle=False)]

@@ -205,7 +205,9 @@ class AlgorithmConfig:
     design, each choice measured in the Fig. 3 setting (docs/learners.md has the ablation):
     lr 2e-3 (Table II: 1e-4, the paper profile's; 1e-3 and 3e-3 learnt less); no target net
     (`target_update_epochs: 0`: as good at gamma 0.2 and a run 25% shorter); 24 minibatches
-    of 16 episodes per epoch (16 minibatches lost 0.6, 12 lost 0.9).
+    of 16 episodes per epoch (16 minibatches lost 0.6, 12 lost 0.9); an error value
+    (`error_gamma`: the twin's error term valued over a longer horizon than gamma's, on its
+    Monte Carlo return).
     """
 
     name: Algo = "vdn"
@@ -222,8 +224,14 @@ class AlgorithmConfig:
     # step of the running mean r-bar taken from every reward in the TD target (0: none);
     # no policy's rank changes (fixed-length episodes). docs/learners.md, "Reward centering"
     reward_centering: float = 0.0
+    # > 0: each BS's Q is R + E, E fitted to the Monte Carlo return of the reward's DNT-error
+    # term discounted by error_gamma, R to the rest with gamma; 0: one Q (VDN and IQL; QMIX
+    # keeps one Q). docs/learners.md, "The error value"
+    error_gamma: float = 0.8
 
     def validate(self, key: str) -> None:
+        _need(0 <= self.error_gamma < 1, f"{key}.error_gamma", self.error_gamma,
+              "need 0 <= g < 1 (0: one Q, no separate error value)")
         _need(0 <= self.reward_centering <= 1, f"{key}.reward_centering", self.reward_centering,
               "need 0 <= beta <= 1 (0: no centering)")
         _need(self.epochs >= 1, f"{key}.epochs", self.epochs, "need G >= 1")
@@ -346,6 +354,9 @@ class MarlConfig:
         _need(self.collection.buffer_capacity >= self.algorithm.batch_size,
               f"{key}.collection.buffer_capacity", self.collection.buffer_capacity,
               f"need >= {key}.algorithm.batch_size ({self.algorithm.batch_size})")
+        _need(not (self.algorithm.error_gamma > 0 and self.network.head == "flat"),
+              f"{key}.algorithm.error_gamma", self.algorithm.error_gamma,
+              f"the error value needs a per-bit head; set {key}.algorithm.error_gamma=0 with head flat")
         _need(len(self.seeds) >= 1, f"{key}.seeds", self.seeds, "need at least one seed")
 
 

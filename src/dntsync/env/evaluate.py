@@ -28,6 +28,7 @@ import numpy as np
 
 from dntsync.env.core import DntEnv, SlotState
 from dntsync.env.predictors import Predictor
+from dntsync.env.rewards import error_terms
 from dntsync.metrics import METRICS
 from dntsync.network.scenario import Scenario
 
@@ -73,6 +74,8 @@ class Rollout:
     actions: np.ndarray | None = None  # [B, T, M]
     team_reward: np.ndarray | None = None  # [B, T] eq. (16)
     local_rewards: np.ndarray | None = None  # [B, T, M] eq. (37)
+    error_reward: np.ndarray | None = None  # [B, T] the DNT-error term of eq. (16) (`error_terms`)
+    local_error_rewards: np.ndarray | None = None  # [B, T, M] that of each BS's eq. (37)
     terminated: np.ndarray | None = None  # [B, T] bool: the episode ended after slot t
     state: np.ndarray | None = None  # [B, T, S] the global state s_t (`DntEnv.global_state`)
 
@@ -84,7 +87,8 @@ def rollout(env: DntEnv, policy: EpisodePolicy, seed: int | None = None,
     policy.begin_episode(env.n_envs)
     steps: dict[str, list] = {k: [] for k in METRICS}
     trace: dict[str, list] = {k: [] for k in ("obs", "covered", "actions", "team_reward",
-                                              "local_rewards", "terminated", "state")}
+                                              "local_rewards", "error_reward",
+                                              "local_error_rewards", "terminated", "state")}
     done = False
     while not done:
         actions = np.asarray(policy.act(env.state, obs))
@@ -98,6 +102,10 @@ def rollout(env: DntEnv, policy: EpisodePolicy, seed: int | None = None,
             trace["actions"].append(actions)
             trace["team_reward"].append(result.team_reward)
             trace["local_rewards"].append(result.local_rewards)
+            team_error, local_error = error_terms(env.scenario, result.outcome.sq_error,
+                                                  result.outcome.serve, covered)
+            trace["error_reward"].append(team_error)
+            trace["local_error_rewards"].append(local_error)
             trace["terminated"].append(np.full(env.n_envs, result.done))
         obs, covered, done = result.obs, result.covered, result.done
     out = Rollout(steps={k: np.stack(v, axis=1).astype(np.float64) for k, v in steps.items()})

@@ -129,11 +129,8 @@ class MyopicOracle:
         return actions
 
 
-UPLOAD_PERIODS = (2, 3, 5, 10)  # `marl.evaluation.upload_periods`' default
-
-
-def baseline_policies(scenario: Scenario, upload_periods: tuple[int, ...] = UPLOAD_PERIODS,
-                      seed: int = 0, oracle: bool = True) -> list:
+def baseline_policies(scenario: Scenario, upload_periods: tuple[int, ...], seed: int = 0,
+                      oracle: bool = True) -> list:
     """The standard comparison set: random; nearest-BS uploading always, never, and every k
     slots for each k of `upload_periods`, synchronised and staggered; the myopic oracle."""
     policies = [RandomValid(seed), NearestBS(scenario, "always"), NearestBS(scenario, "never")]

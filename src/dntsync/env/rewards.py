@@ -1,4 +1,5 @@
-"""Twin synchronisation (eq. 7) and rewards: team reward (eq. 16) and local reward (eq. 37).
+"""Twin synchronisation (eq. 7) and rewards: team reward (eq. 16) and local reward (eq. 37),
+and their DNT-error terms alone (`error_terms`, what a learner's separate error value fits).
 
 Pure functions of arrays with a leading batch axis. docs/model.md readings:
 - the DNT position of user u is its true position if any BS covering it uploaded
@@ -56,3 +57,17 @@ def local_rewards(scenario: Scenario, sq_error: np.ndarray, user_rate: np.ndarra
     normal = (-(1 - scenario.eps) / scenario.n_users * np.sum(sq_error[..., None, :] * covered, axis=-1)
               + scenario.eps * np.sum(user_rate[..., None, :] * serve, axis=-1))
     return np.where(np.any(conflict, axis=-1), penalty, normal)
+
+
+def error_terms(scenario: Scenario, sq_error: np.ndarray, serve: np.ndarray,
+                covered: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The DNT-error terms of eq. (16) `[...]` and of each BS's eq. (37) `[..., M]`:
+    -(1-eps)/U times the squared error summed over all users (over the BS's covered users for
+    a local one), and 0 where the penalty replaces that reward. So a reward less its error
+    term is its rate term eps * sum c_u, or the penalty."""
+    weight = -(1 - scenario.eps) / scenario.n_users
+    xi = served_count(serve)
+    team = np.where(np.any(xi > 1, axis=-1), 0.0, weight * np.sum(sq_error, axis=-1))
+    conflict = np.any(serve & (xi[..., None, :] > 1), axis=-1)
+    local = np.where(conflict, 0.0, weight * np.sum(sq_error[..., None, :] * covered, axis=-1))
+    return team, local

@@ -21,6 +21,15 @@
    sampled) updates those rows; the rest of the network keeps Adam. The optimisation is
    therefore written out in `training_step` (Lightning's manual optimisation).
 
+With an error value (`error_gamma` = g > 0; VDN and IQL, whose Q_tot is a sum) each BS's Q is
+R + E (`AgentQNets.error_value`) and the loss has two parts. R is regressed as above on the
+reward less its DNT-error term (`dntsync.env.rewards.error_terms`: the rate term, or the
+penalty), its next value the next Q less the next E at the same greedy action. E is regressed
+on the Monte Carlo return of the error term over the rest of the sampled episode, discounted
+by g (the team's for VDN, summed over the BSs; each BS's own for IQL). The BSs act on R + E.
+Why: the error term's effect of an upload lasts while the twin drifts, longer than gamma =
+0.2 sees, and the rate term's does not (docs/learners.md, "The error value").
+
 The target nets (and the target mixer) are synced every `target_update_epochs` epochs
 (Sec. III-D: "updated every several training epochs"); with 0 there is none and the
 next-slot value is the online nets' own (detached), read from the same unroll. Greedy evaluation is Lightning's validation: the batch is an
@@ -73,6 +82,15 @@ def explore_bits(greedy: np.ndarray, covered: np.ndarray, epsilon: float,
 
 
 EXPLORATION = {"action": explore_actions, "bit": explore_bits}
+
+
+def discounted_returns(reward: Tensor, discount: float) -> Tensor:
+    """Monte Carlo returns sum_{k >= 0} discount^k r_{t+k} to the episode's end, at every slot
+    t: `reward[B, T, ...]` -> `[B, T, ...]`, one matmul with the `[T, T]` discount matrix.
+    Every episode in the replay has exactly T slots (its end is the last one)."""
+    slots = torch.arange(reward.shape[1])
+    weights = torch.tril(discount ** (slots[:, None] - slots[None, :]).clamp(min=0).to(reward.dtype))
+    return torch.einsum("bs...,st->bt...", reward, weights)  # weights[s, t] = discount^(s-t), s >= t
 
 
 def clip_grad_norm(parameters: list[torch.nn.Parameter], max_norm: float) -> Tensor:
@@ -158,6 +176,7 @@ class QLearner(pl.LightningModule):
     reward, or None: every agent on its own local reward)."""
 
     algo = "base"  # the registry name of a subclass
+    additive = True  # Q_tot is a sum of the agents' Q (or there is none): an error value fits
 
     def make_mixer(self, n_agents: int, state_dim: int) -> nn.Module | None:
         raise NotImplementedError
@@ -169,12 +188,14 @@ class QLearner(pl.LightningModule):
                  epsilon_start: float = 1.0, epsilon_end: float = 0.05,
                  epsilon_decay_epochs: int = 50, exploration: str = "action",
                  user_dim: int = 3, state_dim: int = 0, reward_centering: float = 0.0,
-                 association: dict | None = None) -> None:
+                 association: dict | None = None, error_gamma: float = 0.0) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False  # two optimisers with `sparse_head`: see training_step
+        if error_gamma > 0 and not self.additive:
+            raise ValueError(f"{self.algo} mixes the agents' Q nonlinearly: no error value (error_gamma=0)")
         self.online = AgentQNets(n_agents, obs_dim, hidden, n_users, head, sparse_head,
-                                 user_dim, association)  # theta_m
+                                 user_dim, association, error_gamma > 0)  # theta_m
         self.target = copy.deepcopy(self.online)  # theta~_m
         self.target.requires_grad_(False)
         self.mixer = self.make_mixer(n_agents, state_dim)
@@ -206,46 +227,61 @@ class QLearner(pl.LightningModule):
         return QPolicy(self.online, 0.0, name=self.algo)
 
     # ------------------------------------------------------------------ the update
-    def td_terms(self, chosen_q: Tensor, next_q: Tensor,
-                 batch: EpisodeBatch) -> tuple[Tensor, Tensor, Tensor]:
-        """`(Q, r, next value)` to regress `Q` on `r + gamma * next value`: per agent on the
-        local rewards without a mixer, else mixed on the team reward (the next slot's state
-        for the next value; after the last slot it is masked, so the last state stands in).
-
-        `chosen_q` and `next_q` are per agent `[B, T, M]`."""
+    def mixed(self, chosen_q: Tensor, next_q: Tensor, batch: EpisodeBatch) -> tuple[Tensor, Tensor]:
+        """`(Q, next value)` compared in the TD error: per agent `[B, T, M]` without a mixer,
+        else mixed `[B, T]` (the next slot's state for the next value; after the last slot
+        it is masked, so the last state stands in). `chosen_q`, `next_q`: `[B, T, M]`."""
         if self.mixer is None:
-            return chosen_q, batch.local_rewards, next_q
+            return chosen_q, next_q
         next_state = torch.cat([batch.state[:, 1:], batch.state[:, -1:]], dim=1)
         bootstrap = self.mixer if self.hparams.target_update_epochs == 0 else self.target_mixer
         with torch.no_grad():
             next_value = bootstrap(next_q, next_state)
-        return self.mixer(chosen_q, batch.state), batch.team_reward, next_value
+        return self.mixer(chosen_q, batch.state), next_value
+
+    def td_error(self, chosen_q: Tensor, reward: Tensor, next_q: Tensor, batch: EpisodeBatch) -> Tensor:
+        """Mean squared TD error over real slots: `Q` against `reward + gamma * next value`."""
+        q, next_value = self.mixed(chosen_q, next_q, batch)
+        reward = self.centred(reward, batch.filled)
+        not_done = _like(1.0 - batch.terminated, q)
+        target = reward + self.hparams.gamma * not_done * next_value  # y~, eqs. (20)-(21)
+        mask = _like(batch.filled, q).expand_as(q)
+        return (((q - target) * mask) ** 2).sum() / mask.sum()  # eq. (22) / (37)
 
     def td_loss(self, batch: EpisodeBatch) -> Tensor:
         hp = self.hparams
         hidden = self.online.unroll(batch.obs)  # [B, T, M, h], from a zero hidden state
         outputs = self.online.head_outputs(hidden, batch.obs)
         chosen_q = self.online.q(outputs, batch.actions)  # Q_{theta_m}(o_t^m, a_t^m)
+        split = self.online.error_terms is not None  # Q = R + E, each part on its own reward
         with torch.no_grad():
             next_obs = batch.obs[:, 1:]
             next_covered = batch.covered[:, 1:]  # masks of slot t+1
             if hp.target_update_epochs == 0:  # no target net: bootstrap from the online one
-                next_q, _ = self.online.masked_max(outputs[:, 1:].detach(), next_covered)
+                nets, next_hidden = self.online, hidden[:, 1:].detach()
+                next_q, best = self.online.masked_max(outputs[:, 1:].detach(), next_covered)
             else:
-                target_outputs = self.target.head_outputs(self.target.unroll(batch.obs)[:, 1:], next_obs)
+                nets, next_hidden = self.target, self.target.unroll(batch.obs)[:, 1:]
+                target_outputs = self.target.head_outputs(next_hidden, next_obs)
                 if hp.double_q:  # online argmax, target value
                     _, best = self.online.masked_max(outputs[:, 1:].detach(), next_covered)
                     next_q = self.target.q(target_outputs, best)
                 else:
-                    next_q, _ = self.target.masked_max(target_outputs, next_covered)
-            # no slot after the last one: its value is masked by `terminated` below
+                    next_q, best = self.target.masked_max(target_outputs, next_covered)
+            if split:  # R's next value: Q less E at the same (greedy) action
+                next_q = next_q - nets.error_value(next_hidden, best)
+            # no slot after the last one: its value is masked by `terminated`
             next_q = torch.cat([next_q, torch.zeros_like(next_q[:, :1])], dim=1)
-        q, reward, next_value = self.td_terms(chosen_q, next_q, batch)
-        reward = self.centred(reward, batch.filled)
-        not_done = _like(1.0 - batch.terminated, q)
-        target = reward + hp.gamma * not_done * next_value  # y~, eqs. (20)-(21)
-        mask = _like(batch.filled, q).expand_as(q)
-        return (((q - target) * mask) ** 2).sum() / mask.sum()  # eq. (22) / (37)
+        reward = batch.local_rewards if self.mixer is None else batch.team_reward
+        if not split:
+            return self.td_error(chosen_q, reward, next_q, batch)
+        error_reward = batch.local_error_rewards if self.mixer is None else batch.error_reward
+        chosen_e = self.online.error_value(hidden, batch.actions)
+        rate_loss = self.td_error(chosen_q - chosen_e, reward - error_reward, next_q, batch)
+        q_e = chosen_e if self.mixer is None else self.mixer(chosen_e, batch.state)  # a sum (VDN)
+        returns = discounted_returns(error_reward, hp.error_gamma)
+        mask = _like(batch.filled, q_e).expand_as(q_e)
+        return rate_loss + (((q_e - returns) * mask) ** 2).sum() / mask.sum()
 
     def centred(self, reward: Tensor, filled: Tensor) -> Tensor:
         """With `reward_centering` = beta > 0: the reward minus its running mean r-bar (per
@@ -325,6 +361,7 @@ class QMIX(QLearner):
     agents' own maxima (the mixing is monotonic), so acting stays decentralised."""
 
     algo = "qmix"
+    additive = False  # one Q per BS: Q_tot of a split Q would not be the agents' greedy sum
 
     def make_mixer(self, n_agents, state_dim):
         return QMixer(n_agents, state_dim)

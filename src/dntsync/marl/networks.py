@@ -23,6 +23,12 @@ serve terms of the users several BSs cover by a conflict-free rule the BSs learn
 each covering BS's score from one network of its distance to the user, and a BS's term is
 its own score minus the best other covering BS's, so exactly one of them serves the user.
 
+With a per-bit head and an error value (`marl.algorithm.error_gamma` > 0, the default), each
+BS's Q is the sum of two parts fitted to two parts of the reward (`dntsync.marl.learners`):
+E = e_0 + upload * e_upload, one `Linear(h, 2)` per BS, for the DNT-error term, and the
+head's terms for the rest. `head_outputs` adds E into the q_0 and upload terms, so acting,
+`q` and `masked_max` read the whole Q = R + E; `error_value` reads E alone.
+
 Each head first turns the hidden states into what it reads (`outputs(x, users)`: the
 hidden states themselves for the flat head, the U + 2 terms for the per-bit heads, computed
 once per batch), then answers the same three questions: `q(outputs, actions)`,
@@ -378,7 +384,7 @@ class AgentQNets(nn.Module):
 
     def __init__(self, n_agents: int, obs_dim: int, hidden: int, n_users: int,
                  head: str = "flat", sparse_grad: bool = False, user_dim: int = 3,
-                 association: dict | None = None) -> None:
+                 association: dict | None = None, error_value: bool = False) -> None:
         super().__init__()
         self.n_users, self.user_dim = n_users, user_dim
         self.agents = nn.ModuleList(AgentQNet(obs_dim, hidden, n_users, head, sparse_grad, user_dim)
@@ -387,6 +393,11 @@ class AgentQNets(nn.Module):
             raise ValueError("the association needs a per-bit head (branching or factorised), not flat")
         # one score network for every BS (`Association`), or None: each head's own serve terms
         self.association = Association(association) if association is not None else None
+        if error_value and head == "flat":
+            raise ValueError("the error value needs a per-bit head (branching or factorised), not flat")
+        # each BS's value of the DNT-error term, (e_0, e_upload) from its state, or None
+        self.error_terms = (nn.ModuleList(nn.Linear(hidden, 2) for _ in range(n_agents))
+                            if error_value else None)
 
     def sparse_parameters(self) -> list[nn.Parameter]:
         """The parameters whose gradients are sparse (the flat heads with `sparse_grad`)."""
@@ -429,7 +440,8 @@ class AgentQNets(nn.Module):
     def head_outputs(self, hidden: Tensor, obs: Tensor) -> Tensor:
         """What the heads' `q` and `masked_max` read, `[..., M, F]`, from the hidden states
         `[..., M, h]` and the slots' observations `[..., M, D]`: the hidden states themselves
-        (flat head) or the per-bit terms (F = U + 2), computed once for both questions."""
+        (flat head) or the per-bit terms (F = U + 2, the error value's in the first two),
+        computed once for both questions."""
         if all(isinstance(net.head, FlatHead) for net in self.agents):
             return hidden
         h, users = hidden.shape[-1], self.users(obs)
@@ -437,7 +449,19 @@ class AgentQNets(nn.Module):
         terms = torch.stack([net.head.outputs(hidden[..., m, :].reshape(-1, h),
                                               users[..., m, :, :].reshape(-1, self.n_users, self.user_dim))
                              for m, net in enumerate(self.agents)], dim=1).view(*lead, len(self.agents), -1)
-        return terms if self.association is None else self.association(terms, users)
+        terms = terms if self.association is None else self.association(terms, users)
+        if self.error_terms is None:
+            return terms
+        return torch.cat([terms[..., :2] + self.error_outputs(hidden), terms[..., 2:]], dim=-1)
+
+    def error_outputs(self, hidden: Tensor) -> Tensor:
+        """Each BS's error-value terms (e_0, e_upload) from its state: `[..., M, h]` -> `[..., M, 2]`."""
+        return torch.stack([lin(hidden[..., m, :]) for m, lin in enumerate(self.error_terms)], dim=-2)
+
+    def error_value(self, hidden: Tensor, actions: Tensor) -> Tensor:
+        """E of the actions, e_0 + upload * e_upload: `hidden[..., M, h]`, `actions[..., M]` -> `[..., M]`."""
+        e = self.error_outputs(hidden)
+        return e[..., 0] + (actions & 1).to(e.dtype) * e[..., 1]
 
     def q(self, outputs: Tensor, actions: Tensor) -> Tensor:
         """Q of the taken actions: `outputs[..., M, F]` (`head_outputs`), `actions[..., M]` -> `[..., M]`."""

@@ -56,6 +56,8 @@ class EpisodeBatch:
     actions: Tensor  # [B, T, M] int64
     team_reward: Tensor  # [B, T] r(s_t, a_t), eq. (16)
     local_rewards: Tensor  # [B, T, M] r^m, eq. (37)
+    error_reward: Tensor  # [B, T] the DNT-error term of r(s_t, a_t) (`rewards.error_terms`)
+    local_error_rewards: Tensor  # [B, T, M] that of each r^m
     terminated: Tensor  # [B, T] 1.0 where the episode ended after slot t (no bootstrap)
     filled: Tensor  # [B, T] 1.0 on real slots, 0.0 on padding
     state: Tensor  # [B, T, S] the global state s_t (`DntEnv.global_state`; QMIX's mixer)
@@ -84,6 +86,8 @@ class EpisodeReplay:
             "actions": episodes.actions.astype(np.int64),
             "team_reward": episodes.team_reward.astype(np.float32),
             "local_rewards": episodes.local_rewards.astype(np.float32),
+            "error_reward": episodes.error_reward.astype(np.float32),
+            "local_error_rewards": episodes.local_error_rewards.astype(np.float32),
             "terminated": episodes.terminated.astype(np.float32),
             "filled": np.ones((n, horizon), dtype=np.float32),  # episodes have exactly T slots
             "state": episodes.state.astype(np.float32),

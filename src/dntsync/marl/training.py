@@ -68,6 +68,8 @@ def build_learner(cfg: Config, algo: str, env: DntEnv) -> QLearner:
         exploration=mc.collection.exploration, user_dim=env.user_dim,
         state_dim=env.state_dim, reward_centering=mc.algorithm.reward_centering,
         association=env.layout() if mc.network.association else None,
+        # QMIX keeps one Q per BS: its mixer is not a sum (docs/learners.md, "The error value")
+        error_gamma=mc.algorithm.error_gamma if LEARNERS[algo].additive else 0.0,
     )
 
 
