@@ -35,12 +35,14 @@ paper: $(STAMP)
 # From the paper's learner to the default one, a change at a time, 3 seeds each (needs the
 # twin: `dvc repro train_twin`); writes benchmarks/results/ablation.json (docs/learners.md).
 # Then what one upload is worth at eps 0.5 and 0.8 (Fig. 4) and in the Fig. 3 setting, now
-# and in the slots after it (scripts/upload_value.py; seconds).
+# and in the slots after it (scripts/upload_value.py; seconds), and the upload offsets of
+# every saved VDN model refitted from zero (scripts/offsets_search.py; needs `make run`).
 ablation: $(STAMP)
 	$(PY) scripts/ablation.py
 	$(PY) scripts/upload_value.py --set scenario.eps=0.5 --set scenario.n_rbs=9
 	$(PY) scripts/upload_value.py --set scenario.eps=0.8 --set scenario.n_rbs=9 --out benchmarks/results/upload_value_e8.json
 	$(PY) scripts/upload_value.py --out benchmarks/results/upload_value_fig3.json
+	$(PY) scripts/offsets_search.py --out benchmarks/results/offsets.json
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -67,7 +67,8 @@ def _peak_rss_mb() -> float:
 
 # ---------------------------------------------------------------------- building blocks
 # The flat head (the paper profile's), which the masked max section times.
-FLAT = ["marl.network.head=flat", "marl.network.association=false", "marl.algorithm.error_gamma=0"]
+FLAT = ["marl.network.head=flat", "marl.network.association=false", "marl.algorithm.error_gamma=0",
+        "marl.upload_offsets.phases=0"]
 
 
 def _setup(overrides: list[str], algo: str = "vdn"):
@@ -145,7 +146,7 @@ def bench_updates(repeats: int) -> dict:
     out = {}
     for head in ("flat", "factorised", "branching"):
         cfg, data, learner = _setup([f"marl.network.head={head}", "marl.network.association=false",
-                                     "marl.algorithm.error_gamma=0"])
+                                     "marl.algorithm.error_gamma=0", "marl.upload_offsets.phases=0"])
         for epoch in range(2):
             data.collect(epoch)
         algorithm = cfg.marl.algorithm
@@ -241,7 +242,7 @@ def head_variant(n_users: int, variant: str, repeats: int) -> dict:
     sparse = "true" if variant == "gathered" else "false"  # gathered-dense: all rows, Adam
     cfg, data, learner = _setup([f"scenario.n_users={n_users}", f"marl.network.head={head}",
                                  "marl.network.association=false", "marl.algorithm.error_gamma=0",
-                                 "marl.collection.episodes_per_epoch=32",
+                                 "marl.upload_offsets.phases=0", "marl.collection.episodes_per_epoch=32",
                                  f"marl.network.sparse_head={sparse}"])
     data.collect(0)
     if variant == "naive":

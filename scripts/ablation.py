@@ -33,7 +33,7 @@ ROWS: list[tuple[str, list[str]]] = [
                "marl.network.head=flat", "marl.network.association=false", "marl.algorithm.lr=1e-4",
                "marl.collection.exploration=action", "marl.collection.epsilon_start=0.5",
                "marl.collection.epsilon_end=0.05", "marl.algorithm.target_update_epochs=2",
-               "marl.algorithm.error_gamma=0"]),
+               "marl.algorithm.error_gamma=0", "marl.upload_offsets.phases=0"]),
     ("upload-state", ["env.observation=full"]),
     ("branching-head", ["marl.network.head=branching"]),
     ("bs-frame", ["env.obs_frame=bs"]),
@@ -44,6 +44,7 @@ ROWS: list[tuple[str, list[str]]] = [
     ("greedy-end", ["marl.collection.epsilon_end=0"]),
     ("association", ["marl.network.association=true"]),
     ("error-value", ["marl.algorithm.error_gamma=0.8"]),
+    ("upload-offsets", ["marl.upload_offsets.phases=2"]),
 ]
 
 

@@ -49,6 +49,7 @@ def test_paper_profile_is_the_paper_literal_learner(repo_root):
         ("positions_only", "area", ())
     assert paper.marl.collection.exploration == "action" and algorithm.target_update_epochs >= 1
     assert not network.association and algorithm.error_gamma == 0  # one Q per BS
+    assert paper.marl.upload_offsets.phases == 0  # the greedy policy as trained
     assert paper.marl.collection.epsilon_end == 0.05  # the default learner ends greedy (0.0)
 
 
@@ -97,6 +98,13 @@ def test_to_dict_round_trips():
         # so does the error value; its discount is below 1
         ({"marl": {"network": {"head": "flat", "association": False}}}, "marl.algorithm.error_gamma", "0.8"),
         ({"marl": {"algorithm": {"error_gamma": 1.0}}}, "marl.algorithm.error_gamma", "1.0"),
+        # so do upload offsets; their validation episodes are not the evaluation's; the grid
+        ({"marl": {"network": {"head": "flat", "association": False},
+                   "algorithm": {"error_gamma": 0}}}, "marl.upload_offsets.phases", "2"),
+        ({"marl": {"upload_offsets": {"seed": 10_010}}}, "marl.upload_offsets.seed", "10010"),
+        ({"marl": {"upload_offsets": {"grid": [1.0, 0.0]}}}, "marl.upload_offsets.grid", "[1.0, 0.0]"),
+        ({"marl": {"upload_offsets": {"grid": [-1.0, 1.0]}}}, "marl.upload_offsets.grid", "[-1.0, 1.0]"),
+        ({"marl": {"upload_offsets": {"phases": -1}}}, "marl.upload_offsets.phases", "-1"),
     ],
 )
 def test_bad_values_are_rejected_naming_key_and_value(data, key, value):

@@ -14,10 +14,11 @@ import torch
 from dntsync.config import ALGOS, apply_overrides, from_dict
 from dntsync.env import DntEnv, Drift, RandomValid, action_mask, is_valid
 from dntsync.env.actions import decode
-from dntsync.env.evaluate import Rollout, StatelessPolicy, rollout
+from dntsync.env.evaluate import Evaluation, Rollout, StatelessPolicy, rollout
 from dntsync.marl import IQL, VDN, FactorisedHead, FlatHead, QPolicy
-from dntsync.marl.learners import LEARNERS, QMIX, QMixer
-from dntsync.marl.networks import AgentQNets, BranchingHead, valid_mask
+from dntsync.marl.learners import LEARNERS, QMIX, QMixer, with_upload_offsets
+from dntsync.marl.networks import AgentQNets, BranchingHead, GreedyActions, valid_mask
+from dntsync.marl.offsets import fit_upload_offsets, scores
 from dntsync.marl.replay import EpisodeBatch, EpisodeReplay
 from dntsync.marl.training import build_learner, fit_marl
 from dntsync.network import Scenario
@@ -508,7 +509,7 @@ def test_two_epoch_run_logs_to_mlflow_and_writes_outputs(tmp_path, monkeypatch, 
     import mlflow
 
     monkeypatch.chdir(tmp_path)  # MLflow's local artifact store
-    cfg = tiny_config(tmp_path)
+    cfg = tiny_config(tmp_path, "marl.upload_offsets.phases=0")  # the final policy is the validated one
     seen = []
 
     class Watch(pl.Callback):  # what an Optuna pruner would see
@@ -537,6 +538,79 @@ def test_two_epoch_run_logs_to_mlflow_and_writes_outputs(tmp_path, monkeypatch, 
     assert [m.step for m in history] == [1, 2]  # curves against the epoch
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert f"{algo}_seed0.ckpt" in artifacts and f"marl_{algo}_seed0.json" in artifacts
+
+
+def test_upload_offsets_shift_the_upload_term_by_slot_phase():
+    outputs = torch.zeros(2, 3, 5)  # [B, M, F]: q_0, upload, 3 users
+    offsets = torch.tensor([[1.0, -1.0], [2.0, 0.0], [0.0, 3.0]])
+    for slot in range(4):
+        shifted = with_upload_offsets(outputs, offsets, slot)
+        assert torch.equal(shifted[..., 1], offsets[:, slot % 2].expand(2, 3))
+        assert not shifted[..., [0, 2, 3, 4]].any() and not outputs.any()
+
+
+def test_greedy_policy_and_mlflow_model_upload_in_the_phases_the_offsets_say():
+    scenario = Scenario(**TINY)
+    env = DntEnv(scenario, Drift(scenario), n_envs=4, seed=0)
+    learner = VDN(n_agents=scenario.n_bs, obs_dim=env.obs_dim, n_users=scenario.n_users, hidden=8,
+                  head="branching", user_dim=env.user_dim, upload_phases=2)
+    learner.upload_offsets.copy_(torch.tensor([[100.0, -100.0], [-100.0, 100.0], [-100.0, -100.0]]))
+    played = rollout(env, learner.greedy_policy(), seed=0, record=True)
+    upload, _ = decode(played.actions, scenario.n_users)  # [B, T, M]
+    even = np.arange(scenario.episode_length) % 2 == 0
+    assert upload[:, even, 0].all() and not upload[:, ~even, 0].any()
+    assert upload[:, ~even, 1].all() and not upload[:, even, 1].any() and not upload[:, :, 2].any()
+    model = GreedyActions(learner.online, learner.offsets)  # what MLflow serves
+    assert np.array_equal(model(torch.from_numpy(played.obs)).numpy(), played.actions)
+
+
+@pytest.mark.parametrize("algo", ["vdn", "iql"])
+def test_fitted_upload_offsets_are_on_the_grid_and_never_lower_the_validation_score(algo):
+    scenario = Scenario(**TINY)
+    env = DntEnv(scenario, Drift(scenario), n_envs=1, seed=0)
+    torch.manual_seed(0)
+    learner = LEARNERS[algo](n_agents=scenario.n_bs, obs_dim=env.obs_dim, n_users=scenario.n_users,
+                             hidden=8, head="branching", user_dim=env.user_dim, upload_phases=3)
+    validation = Evaluation(scenario, Drift(scenario), 8, 500)
+    grid = (-50.0, -0.5, 0.0, 0.5, 50.0)
+    before = scores(learner, validation, torch.zeros(3, 3))
+    record = fit_upload_offsets(learner, validation, grid)
+    after = scores(learner, validation, learner.upload_offsets)
+    assert set(learner.upload_offsets.flatten().tolist()) <= set(grid)
+    assert record["offsets"] == learner.upload_offsets.tolist()
+    assert record["validation_before"] == pytest.approx(before.mean())
+    assert record["validation_after"] == pytest.approx(after.mean()) and (after >= before - 1e-12).all()
+    if algo == "vdn":  # one team score; IQL: each BS's own local reward
+        assert np.all(after == after[0])
+    again = LEARNERS[algo](n_agents=scenario.n_bs, obs_dim=env.obs_dim, n_users=scenario.n_users,
+                           hidden=8, head="branching", user_dim=env.user_dim, upload_phases=3)
+    again.load_state_dict(learner.state_dict())
+    again.upload_offsets.zero_()
+    assert fit_upload_offsets(again, validation, grid) == record  # deterministic
+
+
+def test_a_run_fits_its_upload_offsets_and_the_model_keeps_them(tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_config(tmp_path, "marl.upload_offsets.episodes=8")
+    report = fit_marl(cfg, algo="vdn", seed=0, enable_progress_bar=False)
+    fitted = report["upload_offsets"]
+    assert fitted["validation_after"] >= fitted["validation_before"]
+    assert fitted["validation_seeds"] == [cfg.marl.upload_offsets.seed]
+    curve = (tmp_path / "metrics/curves/marl_vdn_seed0.csv").read_text().splitlines()
+    last = dict(zip(curve[0].split(","), curve[-1].split(",")))
+    assert float(last["eval_team_reward"]) == pytest.approx(report["eval_team_reward"])
+    loaded = VDN.load_from_checkpoint(tmp_path / "models/vdn_seed0.ckpt", weights_only=True)
+    assert loaded.upload_offsets.tolist() == fitted["offsets"]
+    evaluation = Evaluation(cfg.scenario, Drift(cfg.scenario), cfg.marl.evaluation.episodes,
+                            cfg.marl.evaluation.seed, **cfg.env.observation_options())
+    assert evaluation.run(loaded.greedy_policy())["team_reward"]["mean"] == \
+        pytest.approx(report["eval_team_reward"])
+    mlflow.set_tracking_uri(cfg.tracking.mlflow_uri)
+    [run] = mlflow.search_runs(experiment_names=["dntsync-marl"], output_format="list")
+    assert run.data.metrics["eval_team_reward"] == pytest.approx(report["eval_team_reward"])
+    assert run.data.metrics["validation_reward_with_offsets"] == pytest.approx(fitted["validation_after"])
 
 
 def test_same_seed_same_result(tmp_path):

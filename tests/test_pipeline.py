@@ -123,6 +123,25 @@ def test_report_checks_the_claims_against_the_kept_paper_literal_run_too(project
     assert "paper-literal" not in report.build(cfg)
 
 
+def test_offsets_search_refits_the_runs_own_upload_offsets(project, tmp_path):
+    """scripts/offsets_search.py (make ablation) refits the upload offsets of the run's saved
+    VDN models from zero; with the config's search it finds each run's own offsets and its
+    final team reward."""
+    rows_file = tmp_path / "offsets.json"
+    out = subprocess.run([sys.executable, str(REPO_ROOT / "scripts/offsets_search.py"), "--settings",
+                          "fig3", "--out", str(rows_file)], cwd=project, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "shortfall summed over the settings" in out.stdout
+    rows = json.loads(rows_file.read_text())
+    assert [r["seed"] for r in rows] == [0, 1] and {r["setting"] for r in rows} == {"fig3"}
+    for row in rows:
+        run = json.loads((project / f"metrics/marl/marl_vdn_seed{row['seed']}.json").read_text())
+        assert row["offsets"] == run["upload_offsets"]["offsets"]
+        assert row["with"] == pytest.approx(run["eval_team_reward"])
+        assert row["heuristic"] == run["best_heuristic_team_reward"]
+
+
 def test_mlflow_holds_the_runs_under_one_parent(project):
     db = sqlite3.connect(project / "mlflow.db")
     counts = dict(db.execute(

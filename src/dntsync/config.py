@@ -316,6 +316,27 @@ class EvaluationConfig:
 
 
 @dataclass(frozen=True)
+class UploadOffsetsConfig:
+    """`marl.upload_offsets`: after training, each BS's upload term is shifted by an offset
+    b[m, t mod phases] (t the slot; every BS knows it), fitted by a pattern search over
+    `grid` on validation episodes (`dntsync.marl.offsets`): the greedy policy's upload
+    timing tuned on the reward itself. docs/learners.md, "Upload offsets"."""
+
+    phases: int = 2  # K; 0: no offsets (the paper profile)
+    grid: tuple[float, ...] = (-3.0, -1.0, -0.5, 0.0, 0.5, 1.0, 3.0)
+    episodes: int = 64
+    seed: int = 20_000  # validation episodes use seed + i, never an evaluation or training seed
+
+    def validate(self, key: str) -> None:
+        _need(self.phases >= 0, f"{key}.phases", self.phases, "need >= 0 (0: no offsets)")
+        _need(len(self.grid) >= 2 and 0.0 in self.grid and all(math.isfinite(g) for g in self.grid)
+              and all(a < b for a, b in zip(self.grid, self.grid[1:])), f"{key}.grid",
+              list(self.grid), "need finite offsets in increasing order, 0 among them")
+        _need(self.episodes >= 1, f"{key}.episodes", self.episodes, "need >= 1")
+        _need(self.seed >= 0, f"{key}.seed", self.seed, "need >= 0")
+
+
+@dataclass(frozen=True)
 class OutputsConfig:
     """`marl.outputs`: <model_dir>/<algo>[_seed<S>].ckpt, <metrics_dir>/marl_<algo>[_seed<S>].json,
     <metrics_dir>/curves/marl_<algo>_seed<S>.csv; resumable state <checkpoint_dir>/<algo>_seed<S>/."""
@@ -346,10 +367,11 @@ class MarlConfig:
     collection: CollectionConfig = field(default_factory=CollectionConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     outputs: OutputsConfig = field(default_factory=OutputsConfig)
+    upload_offsets: UploadOffsetsConfig = field(default_factory=UploadOffsetsConfig)
     seeds: tuple[int, ...] = (0, 1, 2)
 
     def validate(self, key: str = "marl") -> None:
-        for name in ("algorithm", "network", "collection", "evaluation", "outputs"):
+        for name in ("algorithm", "network", "collection", "evaluation", "outputs", "upload_offsets"):
             getattr(self, name).validate(f"{key}.{name}")
         _need(self.collection.buffer_capacity >= self.algorithm.batch_size,
               f"{key}.collection.buffer_capacity", self.collection.buffer_capacity,
@@ -357,6 +379,13 @@ class MarlConfig:
         _need(not (self.algorithm.error_gamma > 0 and self.network.head == "flat"),
               f"{key}.algorithm.error_gamma", self.algorithm.error_gamma,
               f"the error value needs a per-bit head; set {key}.algorithm.error_gamma=0 with head flat")
+        uo, ev = self.upload_offsets, self.evaluation
+        _need(not (uo.phases > 0 and self.network.head == "flat"), f"{key}.upload_offsets.phases",
+              uo.phases, f"upload offsets need a per-bit head; set {key}.upload_offsets.phases=0 with head flat")
+        _need(uo.phases == 0 or uo.seed >= ev.seed + ev.episodes or ev.seed >= uo.seed + uo.episodes,
+              f"{key}.upload_offsets.seed", uo.seed,
+              f"the validation seeds [seed, seed + episodes) must not meet the evaluation's "
+              f"[{ev.seed}, {ev.seed + ev.episodes}): choose another")
         _need(len(self.seeds) >= 1, f"{key}.seeds", self.seeds, "need at least one seed")
 
 

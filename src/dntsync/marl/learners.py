@@ -113,22 +113,34 @@ def clip_grad_norm(parameters: list[torch.nn.Parameter], max_norm: float) -> Ten
     return total
 
 
+def with_upload_offsets(outputs: Tensor, offsets: Tensor, slot: int) -> Tensor:
+    """A per-bit head's outputs `[..., M, F]` (column 1: the upload term) with BS m's upload
+    term raised by `offsets[m, slot mod K]` (`offsets` `[M, K]`); a new tensor."""
+    out = outputs.clone()
+    out[..., 1] += offsets[:, slot % offsets.shape[1]].to(out.dtype)
+    return out
+
+
 class QPolicy:
     """Acts with the online nets, epsilon-greedily over valid actions (an `EpisodePolicy`);
     `exploration` names how (`EXPLORATION`: "action" or "bit")."""
 
     def __init__(self, nets: AgentQNets, epsilon: float = 0.0,
                  rng: np.random.Generator | None = None, name: str = "greedy",
-                 exploration: str = "action") -> None:
+                 exploration: str = "action", offsets: Tensor | None = None) -> None:
         self.nets = nets
         self.epsilon = epsilon
         self.rng = rng if rng is not None else np.random.default_rng(0)
         self.name = name
         self.explore = EXPLORATION[exploration]
+        # `[M, K]`: added to BS m's upload term in slot t at column t mod K (`with_upload_offsets`)
+        self.offsets = offsets
         self.state: Tensor | None = None
+        self.slot = 0
 
     def begin_episode(self, n_envs: int) -> None:
         self.state = torch.zeros(n_envs, len(self.nets.agents), self.nets.hidden)
+        self.slot = 0
 
     @torch.no_grad()
     def act(self, state: SlotState, obs: np.ndarray) -> np.ndarray:
@@ -136,6 +148,9 @@ class QPolicy:
         hidden = self.nets.unroll(obs[:, None], self.state)[:, 0]  # [B, M, h]
         self.state = hidden
         outputs = self.nets.head_outputs(hidden, obs)
+        if self.offsets is not None:
+            outputs = with_upload_offsets(outputs, self.offsets, self.slot)
+        self.slot += 1
         _, greedy = self.nets.masked_max(outputs, torch.as_tensor(state.covered))
         actions = greedy.numpy()
         if self.epsilon > 0:
@@ -188,7 +203,8 @@ class QLearner(pl.LightningModule):
                  epsilon_start: float = 1.0, epsilon_end: float = 0.05,
                  epsilon_decay_epochs: int = 50, exploration: str = "action",
                  user_dim: int = 3, state_dim: int = 0, reward_centering: float = 0.0,
-                 association: dict | None = None, error_gamma: float = 0.0) -> None:
+                 association: dict | None = None, error_gamma: float = 0.0,
+                 upload_phases: int = 0) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False  # two optimisers with `sparse_head`: see training_step
@@ -202,6 +218,8 @@ class QLearner(pl.LightningModule):
         self.target_mixer = copy.deepcopy(self.mixer)
         if self.target_mixer is not None:
             self.target_mixer.requires_grad_(False)
+        if upload_phases > 0:  # b[m, t mod K], fitted after training (`dntsync.marl.offsets`)
+            self.register_buffer("upload_offsets", torch.zeros(n_agents, upload_phases))
         if reward_centering > 0:  # the reward's running mean, saved with the model (resumes exactly)
             size = n_agents if self.mixer is None else 1
             self.register_buffer("reward_centre", torch.full((size,), float("nan")))
@@ -221,10 +239,17 @@ class QLearner(pl.LightningModule):
 
     def exploration_policy(self, epoch: int, rng: np.random.Generator) -> QPolicy:
         return QPolicy(self.online, self.epsilon(epoch), rng, name=f"{self.algo}-explore",
-                       exploration=self.hparams.exploration)
+                       exploration=self.hparams.exploration, offsets=self.offsets)
 
-    def greedy_policy(self) -> QPolicy:
-        return QPolicy(self.online, 0.0, name=self.algo)
+    def greedy_policy(self, offsets: Tensor | None = None) -> QPolicy:
+        """The BSs' greedy policy, with the learner's upload offsets or the given `[M, K]` ones."""
+        return QPolicy(self.online, 0.0, name=self.algo,
+                       offsets=self.offsets if offsets is None else offsets)
+
+    @property
+    def offsets(self) -> Tensor | None:
+        """The upload offsets `[M, K]` (zero until fitted), or None without them."""
+        return getattr(self, "upload_offsets", None)
 
     # ------------------------------------------------------------------ the update
     def mixed(self, chosen_q: Tensor, next_q: Tensor, batch: EpisodeBatch) -> tuple[Tensor, Tensor]:

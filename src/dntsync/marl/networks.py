@@ -365,13 +365,20 @@ class GreedyActions(nn.Module):
     float32) -> `actions[B, T, M]` (int64, `dntsync.env.actions` codes, masked to the users
     each BS covers)."""
 
-    def __init__(self, nets: AgentQNets) -> None:
+    def __init__(self, nets: AgentQNets, offsets: Tensor | None = None) -> None:
         super().__init__()
         self.nets = copy.deepcopy(nets).requires_grad_(False)
+        # BS m's upload term + offsets[m, t mod K] in slot t (the learner's upload offsets)
+        self.register_buffer("offsets", None if offsets is None else offsets.detach().clone())
 
     @torch.no_grad()
     def forward(self, obs: Tensor) -> Tensor:
         outputs = self.nets.head_outputs(self.nets.unroll(obs), obs)
+        if self.offsets is not None:  # [T, M] of each slot's offsets, onto column 1 (upload)
+            k = self.offsets.shape[1]
+            slots = torch.arange(obs.shape[1]) % k
+            outputs = outputs.clone()
+            outputs[..., 1] += self.offsets[:, slots].T.to(outputs.dtype)
         covered = self.nets.users(obs)[..., COVERED_FEATURE] > 0.5
         return self.nets.masked_max(outputs, covered)[1]
 

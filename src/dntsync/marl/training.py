@@ -6,7 +6,9 @@ callbacks, e.g. an Optuna pruner on "eval_team_reward", and switches the outputs
 One run = Algorithm 2 for G = `marl.algorithm.epochs` epochs under a Lightning `Trainer`:
 `EpisodeDataModule` collects D episodes per epoch and serves replay minibatches, the
 `QLearner` subclass updates, greedy evaluation on the fixed evaluation episodes runs as
-validation every `marl.evaluation.every` epochs. With outputs on, Lightning keeps
+validation every `marl.evaluation.every` epochs. Then, with `marl.upload_offsets.phases` > 0,
+the greedy policy's upload offsets are fitted on validation episodes (`dntsync.marl.offsets`)
+before the final evaluation. With outputs on, Lightning keeps
 `<checkpoint_dir>/<algo>_seed<S>/last.ckpt` (model, optimiser, replay, curve so far) after
 every epoch and a rerun of the same command resumes from it; at the end the final greedy
 evaluation and the baselines on the same episodes are written (see `write_run_outputs`).
@@ -38,6 +40,7 @@ from dntsync.env.predictors import Predictor
 from dntsync.errors import RunError, UserError
 from dntsync.files import copy_file, save_torch, write_csv, write_json, write_text
 from dntsync.marl.learners import LEARNERS, QLearner
+from dntsync.marl.offsets import fit_upload_offsets
 from dntsync.marl.replay import EpisodeDataModule
 from dntsync.metrics import METRICS
 from dntsync.tracking import log_torch_model, training_run
@@ -47,7 +50,7 @@ CURVE_COLUMNS = ("epoch", "train_reward", *(f"train_{k}" for k in METRICS[1:]), 
                  "epsilon", *(f"eval_{k}" for k in METRICS))
 # What a resumed run may change: training longer (`marl.algorithm.epochs`), the stage's
 # list of seeds and where outputs go (`marl.outputs`).
-RESUMABLE_CHANGES = ("seeds", "outputs")
+RESUMABLE_CHANGES = ("seeds", "outputs", "upload_offsets")  # not used in training
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*IterableDataset.*has `__len__` defined.*")
@@ -70,6 +73,7 @@ def build_learner(cfg: Config, algo: str, env: DntEnv) -> QLearner:
         association=env.layout() if mc.network.association else None,
         # QMIX keeps one Q per BS: its mixer is not a sum (docs/learners.md, "The error value")
         error_gamma=mc.algorithm.error_gamma if LEARNERS[algo].additive else 0.0,
+        upload_phases=mc.upload_offsets.phases,
     )
 
 
@@ -324,12 +328,19 @@ def fit_marl(cfg: Config, *, algo: str | None = None, seed: int | None = None,
         trainer.fit(learner, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
 
     def finish() -> dict:
+        offsets = None
+        if learner.offsets is not None:  # the upload timing, tuned on validation episodes
+            uo = cfg.marl.upload_offsets
+            validation = Evaluation(cfg.scenario, predictor_model, uo.episodes, uo.seed,
+                                    **cfg.env.observation_options())
+            offsets = fit_upload_offsets(learner, validation, uo.grid)
         final = data.evaluation.run(learner.greedy_policy())
         if not all(math.isfinite(v["mean"]) for v in final.values()):
             raise RunError(f"{algo} seed {seed}: the final evaluation is not finite "
                            f"({ {k: v['mean'] for k, v in final.items()} }); no model was written")
         rows = recorder.rows
-        if rows and not any(k.startswith("eval_") for k in rows[-1]):
+        if rows and (offsets is not None or not any(k.startswith("eval_") for k in rows[-1])):
+            # the curve ends at the final policy (with its upload offsets)
             rows[-1].update({f"eval_{k}": v["mean"] for k, v in final.items()})
         report = {
             "algo": algo, "seed": seed, "predictor": predictor_description,
@@ -340,6 +351,8 @@ def fit_marl(cfg: Config, *, algo: str | None = None, seed: int | None = None,
             "eval_team_reward": final["team_reward"]["mean"], "eval": final,
             "eval_seeds": data.evaluation.seeds, "eval_episodes": data.evaluation.n_episodes,
         }
+        if offsets is not None:
+            report["upload_offsets"] = offsets
         if write_outputs:
             report["baselines"] = evaluate_baselines(cfg, data.evaluation)
             report.update(compare(final, report["baselines"]))
@@ -368,7 +381,8 @@ def fit_marl(cfg: Config, *, algo: str | None = None, seed: int | None = None,
         report = finish()
         logged = mlflow.MlflowClient().get_metric_history(run.info.run_id, "eval_team_reward")
         epochs = cfg.marl.algorithm.epochs
-        evaluated_last = any(m.step == epochs for m in logged)  # by the validation loop
+        # by the validation loop, and of the final policy (not so with upload offsets fitted since)
+        evaluated_last = any(m.step == epochs for m in logged) and "upload_offsets" not in report
         mlflow.log_metrics(headline_metrics(report, with_eval=not evaluated_last), step=epochs)
         if report.get("baselines"):
             mlflow.log_table(baselines_table(report), artifact_file="baselines.json")
@@ -393,7 +407,7 @@ def log_policy_model(learner: QLearner, obs_dim: int, n_bs: int, registered: str
     `mlflow.pytorch.load_model(f"runs:/<run id>/policy")` loads it where dntsync is installed."""
     from dntsync.marl.networks import GreedyActions
 
-    log_torch_model(GreedyActions(learner.online), "policy", torch.zeros(1, 1, n_bs, obs_dim),
+    log_torch_model(GreedyActions(learner.online, learner.offsets), "policy", torch.zeros(1, 1, n_bs, obs_dim),
                     registered)
 
 
@@ -429,6 +443,9 @@ def headline_metrics(report: dict, with_eval: bool = True) -> dict[str, float]:
     for key in ("ratio_to_oracle", "ratio_to_best_heuristic"):
         if key in report and np.isfinite(report[key]):
             out[key] = report[key]
+    if "upload_offsets" in report:  # the validation score before and after fitting them
+        out["validation_reward_before_offsets"] = report["upload_offsets"]["validation_before"]
+        out["validation_reward_with_offsets"] = report["upload_offsets"]["validation_after"]
     return out
 
 
