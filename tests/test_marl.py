@@ -579,9 +579,11 @@ def test_fitted_upload_offsets_are_on_the_grid_and_never_lower_the_validation_sc
     assert set(learner.upload_offsets.flatten().tolist()) <= set(grid)
     assert record["offsets"] == learner.upload_offsets.tolist()
     assert record["validation_before"] == pytest.approx(before.mean())
-    assert record["validation_after"] == pytest.approx(after.mean()) and (after >= before - 1e-12).all()
-    if algo == "vdn":  # one team score; IQL: each BS's own local reward
-        assert np.all(after == after[0])
+    assert record["validation_after"] == pytest.approx(after.mean())
+    if algo == "vdn":  # one team score, never lowered
+        assert np.all(after == after[0]) and after[0] >= before[0]
+    else:  # each BS's own local reward, each offset fitted for its BS (another's may lower it)
+        assert not np.all(after == after[0])
     again = LEARNERS[algo](n_agents=scenario.n_bs, obs_dim=env.obs_dim, n_users=scenario.n_users,
                            hidden=8, head="branching", user_dim=env.user_dim, upload_phases=3)
     again.load_state_dict(learner.state_dict())
