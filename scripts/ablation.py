@@ -6,8 +6,9 @@ one change at a time, each row VDN with every seed of `marl.seeds` in the Fig. 3
 
 Row k is `dntsync train-learners` with the overrides of rows 0..k (`ROWS`) and outputs under
 `runs/ablation/<k>-<name>/`; a leave-one-out row (`LEAVE_ONE_OUT`) undoes one change from
-the default alone (`runs/ablation/without-<name>/`). Finished runs are found and not
-repeated. Needs the twin
+the default alone (`runs/ablation/without-<name>/`); `OTHER_LEARNERS` are the learners that
+`make run` does not train, each with the default configuration
+(`runs/ablation/learner-<algo>/`). Finished runs are found and not repeated. Needs the twin
 (`dvc repro train_twin`). Writes `benchmarks/results/ablation.json` and prints the table:
 team reward per step (mean and std over seeds), its ratio to the best heuristic and to the
 myopic oracle on the same evaluation episodes.
@@ -57,6 +58,10 @@ LEAVE_ONE_OUT: list[tuple[str, list[str]]] = [
 ]
 
 
+# learners besides the pipeline's VDN and IQL (`sweeps.fig3_algos`), in the default configuration
+OTHER_LEARNERS: list[str] = ["qmix"]
+
+
 def row_overrides(k: int) -> list[str]:
     return [o for _, extra in ROWS[: k + 1] for o in extra]
 
@@ -70,15 +75,20 @@ def run_leave_one_out(i: int) -> dict:
     return _run(i, name, f"runs/ablation/without-{name}", sets, sets)
 
 
-def _run(k: int, name: str, out: str, overrides: list[str], adds: list[str]) -> dict:
-    sets = [*overrides, "sweeps.fig3_algos=[vdn]", f"marl.outputs.model_dir={out}/models",
+def run_learner(i: int) -> dict:
+    algo = OTHER_LEARNERS[i]
+    return _run(i, algo, f"runs/ablation/learner-{algo}", [], [], algo)
+
+
+def _run(k: int, name: str, out: str, overrides: list[str], adds: list[str], algo: str = "vdn") -> dict:
+    sets = [*overrides, f"sweeps.fig3_algos=[{algo}]", f"marl.outputs.model_dir={out}/models",
             f"marl.outputs.metrics_dir={out}/metrics", f"marl.outputs.checkpoint_dir={out}/checkpoints"]
     cmd = [str(ROOT / ".venv" / "bin" / "dntsync"), "train-learners",
            *[a for s in sets for a in ("--set", s)]]
     print("$ " + " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    summary = json.loads((ROOT / out / "metrics" / "marl_vdn.json").read_text())
-    return {"row": k, "name": name, "adds": adds, "command": " ".join(cmd[1:]),
+    summary = json.loads((ROOT / out / "metrics" / f"marl_{algo}.json").read_text())
+    return {"row": k, "name": name, "algo": algo, "adds": adds, "command": " ".join(cmd[1:]),
             "team_reward": summary["eval_team_reward"],
             "std_over_seeds": summary["eval_team_reward_std_over_seeds"],
             "per_seed": summary["eval_team_reward_per_seed"],
@@ -104,25 +114,28 @@ def main() -> int:
     parser.add_argument("--leave-one-out", type=int, nargs="*",
                         default=list(range(len(LEAVE_ONE_OUT))), metavar="I",
                         help="rows of LEAVE_ONE_OUT (default: all)")
+    parser.add_argument("--learners", type=int, nargs="*", default=list(range(len(OTHER_LEARNERS))),
+                        metavar="I", help="entries of OTHER_LEARNERS (default: all)")
     args = parser.parse_args()
     bad = [k for k in args.rows if not 0 <= k < len(ROWS)]
     bad += [i for i in args.leave_one_out if not 0 <= i < len(LEAVE_ONE_OUT)]
+    bad += [i for i in args.learners if not 0 <= i < len(OTHER_LEARNERS)]
     if bad:
-        print(f"{bad}: rows are 0..{len(ROWS) - 1}, leave-one-out rows 0..{len(LEAVE_ONE_OUT) - 1}",
-              file=sys.stderr)
+        print(f"{bad}: rows are 0..{len(ROWS) - 1}, leave-one-out rows 0..{len(LEAVE_ONE_OUT) - 1}, "
+              f"learners 0..{len(OTHER_LEARNERS) - 1}", file=sys.stderr)
         return 2
     old = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    done = {r["row"]: r for r in old.get("rows", [])}
-    undone = {r["row"]: r for r in old.get("leave_one_out", [])}
-    for k in args.rows:
-        done[k] = run_row(k)
-    for i in args.leave_one_out:
-        undone[i] = run_leave_one_out(i)
-    result = {"rows": [done[k] for k in sorted(done)],
-              "leave_one_out": [undone[i] for i in sorted(undone)]}
+    sections = {"rows": (args.rows, run_row), "leave_one_out": (args.leave_one_out, run_leave_one_out),
+                "learners": (args.learners, run_learner)}
+    result = {}
+    for key, (chosen, run) in sections.items():
+        kept = {r["row"]: r for r in old.get(key, [])}
+        for k in chosen:
+            kept[k] = run(k)
+        result[key] = [kept[k] for k in sorted(kept)]
     write_json(RESULTS, result)
-    print(table(result["rows"]))
-    print(table(result["leave_one_out"]))
+    for key in sections:
+        print(table(result[key]))
     return 0
 
 

@@ -10,8 +10,8 @@ seeds of the evaluation team reward without offsets, with them, and the best heu
     .venv/bin/python scripts/offsets_search.py --phases 1 --settings fig3
 
 `--exhaustive` tries every grid value at each coordinate (instead of walking from the
-current one while the score does not fall); `--passes 2` repeats the pass over the
-coordinates. The training is untouched, so the models of one `make run` serve every search.
+current one while the score does not fall); `--passes N` sets the number of passes over the
+coordinates (default: the config's). The training is untouched, so the models of one `make run` serve every search.
 Minutes on 2 cores (`--settings` narrows it).
 """
 
@@ -61,7 +61,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--phases", type=int, default=None, help="K (default: the config's)")
     parser.add_argument("--episodes", type=int, default=None, help="validation episodes (default: the config's)")
-    parser.add_argument("--passes", type=int, default=1)
+    parser.add_argument("--passes", type=int, default=None, help="passes (default: the config's)")
     parser.add_argument("--exhaustive", action="store_true")
     parser.add_argument("--settings", nargs="*", default=None, help="labels, e.g. fig3 'fig4 eps=0.5'")
     parser.add_argument("--out", default=None, help="also write the rows as JSON")
@@ -70,6 +70,7 @@ def main() -> int:
     uo = base.marl.upload_offsets
     phases = uo.phases if args.phases is None else args.phases
     episodes = uo.episodes if args.episodes is None else args.episodes
+    passes = uo.passes if args.passes is None else args.passes
     grid = [float(g) for g in uo.grid]
     rows = []
     for label, cfg in settings(base).items():
@@ -87,21 +88,21 @@ def main() -> int:
             learner.register_buffer("upload_offsets", torch.zeros(cfg.scenario.n_bs, phases))
             started = time.perf_counter()
             without = evaluation.run(learner.greedy_policy())["team_reward"]["mean"]
-            offsets = torch.zeros(cfg.scenario.n_bs, phases)
-            for _ in range(args.passes):
-                if args.exhaustive:
+            offsets, plays = torch.zeros(cfg.scenario.n_bs, phases), None
+            if args.exhaustive:
+                for _ in range(passes):
                     offsets = exhaustive(learner, validation, grid, offsets)
-                else:  # fit_upload_offsets starts from zero: later passes start from the last
-                    fit_upload_offsets(learner, validation, grid, start=offsets)
-                    offsets = learner.upload_offsets.clone()
+            else:
+                plays = fit_upload_offsets(learner, validation, grid, passes)["validation_plays"]
+                offsets = learner.upload_offsets.clone()
             learner.upload_offsets.copy_(offsets)
             fitted = evaluation.run(learner.greedy_policy())["team_reward"]["mean"]
             heuristic = json.loads(paths.metrics.read_text())["best_heuristic_team_reward"]
             rows.append({"setting": label, "seed": seed, "without": without, "with": fitted,
-                         "heuristic": heuristic, "offsets": offsets.tolist(),
+                         "heuristic": heuristic, "offsets": offsets.tolist(), "plays": plays,
                          "seconds": time.perf_counter() - started})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    print(f"phases {phases}, {episodes} validation episodes, {args.passes} pass(es), "
+    print(f"phases {phases}, {episodes} validation episodes, {passes} pass(es), "
           f"{'exhaustive' if args.exhaustive else 'pattern'} search")
     print(f"{'setting':18s} {'without':>9s} {'with':>9s} {'heuristic':>9s} {'ratio':>7s}")
     short = 0.0

@@ -105,6 +105,7 @@ def test_to_dict_round_trips():
         ({"marl": {"upload_offsets": {"grid": [1.0, 0.0]}}}, "marl.upload_offsets.grid", "[1.0, 0.0]"),
         ({"marl": {"upload_offsets": {"grid": [-1.0, 1.0]}}}, "marl.upload_offsets.grid", "[-1.0, 1.0]"),
         ({"marl": {"upload_offsets": {"phases": -1}}}, "marl.upload_offsets.phases", "-1"),
+        ({"marl": {"upload_offsets": {"passes": 0}}}, "marl.upload_offsets.passes", "0"),
     ],
 )
 def test_bad_values_are_rejected_naming_key_and_value(data, key, value):

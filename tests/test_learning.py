@@ -14,6 +14,7 @@ import torch
 from dntsync.config import from_dict
 from dntsync.env import is_valid
 from dntsync.env.evaluate import rollout
+from dntsync.marl.learners import LEARNERS
 from dntsync.marl.training import fit_marl
 
 torch.set_num_threads(1)
@@ -91,6 +92,8 @@ def test_ablation_runs_from_the_paper_profile_to_the_default_learner():
     assert to_plain(first) != to_plain(default)
     for _, sets in ablation.LEAVE_ONE_OUT:  # each undoes a change the default has
         assert to_plain(apply_overrides(default, sets)) != to_plain(default)
+    # and the learners `make run` leaves out, so that every learner has committed numbers
+    assert set(ablation.OTHER_LEARNERS) == set(LEARNERS) - set(default.sweeps.fig3_algos)
 
 
 def test_upload_value_splits_an_uploads_effect_into_its_slot_and_the_slots_after(tmp_path):

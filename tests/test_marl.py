@@ -16,8 +16,8 @@ from dntsync.env import DntEnv, Drift, RandomValid, action_mask, is_valid
 from dntsync.env.actions import decode
 from dntsync.env.evaluate import Evaluation, Rollout, StatelessPolicy, rollout
 from dntsync.marl import IQL, VDN, FactorisedHead, FlatHead, QPolicy
-from dntsync.marl.learners import LEARNERS, QMIX, QMixer, with_upload_offsets
-from dntsync.marl.networks import AgentQNets, BranchingHead, GreedyActions, valid_mask
+from dntsync.marl.learners import LEARNERS, QMIX, QMixer
+from dntsync.marl.networks import AgentQNets, BranchingHead, GreedyActions, valid_mask, with_upload_offsets
 from dntsync.marl.offsets import fit_upload_offsets, scores
 from dntsync.marl.replay import EpisodeBatch, EpisodeReplay
 from dntsync.marl.training import build_learner, fit_marl
@@ -540,6 +540,26 @@ def test_two_epoch_run_logs_to_mlflow_and_writes_outputs(tmp_path, monkeypatch, 
     assert f"{algo}_seed0.ckpt" in artifacts and f"marl_{algo}_seed0.json" in artifacts
 
 
+def test_baselines_are_played_once_per_setting_and_kept_beside_the_checkpoints(tmp_path, monkeypatch):
+    import dntsync.marl.training as training
+
+    played = []
+    evaluate = training.evaluate_baselines
+    monkeypatch.setattr(training, "evaluate_baselines", lambda *a: played.append(1) or evaluate(*a))
+    cfg = tiny_config(tmp_path)
+    evaluation = Evaluation(cfg.scenario, Drift(cfg.scenario), 4, cfg.marl.evaluation.seed,
+                            **cfg.env.observation_options())
+    first = training.shared_baselines(cfg, evaluation, "drift")
+    assert training.shared_baselines(cfg, evaluation, "drift") == first and len(played) == 1
+    [kept] = (tmp_path / "checkpoints/baselines").iterdir()
+    assert json.loads(kept.read_text()) == first
+    other = apply_overrides(cfg, ["marl.evaluation.upload_periods=[2]"])  # another setting: its own
+    assert set(training.shared_baselines(other, evaluation, "drift")) < set(first) and len(played) == 2
+    kept.write_text("{")  # a file that does not read back is played again, then rewritten
+    assert training.shared_baselines(cfg, evaluation, "drift") == first and len(played) == 3
+    assert json.loads(kept.read_text()) == first
+
+
 def test_upload_offsets_shift_the_upload_term_by_slot_phase():
     outputs = torch.zeros(2, 3, 5)  # [B, M, F]: q_0, upload, 3 users
     offsets = torch.tensor([[1.0, -1.0], [2.0, 0.0], [0.0, 3.0]])
@@ -547,6 +567,9 @@ def test_upload_offsets_shift_the_upload_term_by_slot_phase():
         shifted = with_upload_offsets(outputs, offsets, slot)
         assert torch.equal(shifted[..., 1], offsets[:, slot % 2].expand(2, 3))
         assert not shifted[..., [0, 2, 3, 4]].any() and not outputs.any()
+    episode = with_upload_offsets(torch.zeros(2, 4, 3, 5), offsets, torch.arange(4))  # [B, T, M, F]
+    for slot in range(4):
+        assert torch.equal(episode[:, slot], with_upload_offsets(outputs, offsets, slot))
 
 
 def test_greedy_policy_and_mlflow_model_upload_in_the_phases_the_offsets_say():
@@ -574,7 +597,7 @@ def test_fitted_upload_offsets_are_on_the_grid_and_never_lower_the_validation_sc
     validation = Evaluation(scenario, Drift(scenario), 8, 500)
     grid = (-50.0, -0.5, 0.0, 0.5, 50.0)
     before = scores(learner, validation, torch.zeros(3, 3))
-    record = fit_upload_offsets(learner, validation, grid)
+    record = fit_upload_offsets(learner, validation, grid, passes=2)
     after = scores(learner, validation, learner.upload_offsets)
     assert set(learner.upload_offsets.flatten().tolist()) <= set(grid)
     assert record["offsets"] == learner.upload_offsets.tolist()
@@ -588,7 +611,32 @@ def test_fitted_upload_offsets_are_on_the_grid_and_never_lower_the_validation_sc
                            hidden=8, head="branching", user_dim=env.user_dim, upload_phases=3)
     again.load_state_dict(learner.state_dict())
     again.upload_offsets.zero_()
-    assert fit_upload_offsets(again, validation, grid) == record  # deterministic
+    assert fit_upload_offsets(again, validation, grid, passes=2) == record  # deterministic
+
+
+def test_upload_offsets_need_a_per_bit_head():
+    with pytest.raises(ValueError, match="per-bit head"):
+        VDN(n_agents=3, obs_dim=10, n_users=3, hidden=8, head="flat", upload_phases=2)
+
+
+@pytest.mark.parametrize("upload_bias", [-100.0, 100.0])
+def test_the_offsets_search_plays_no_step_that_cannot_change_an_action(upload_bias):
+    """A BS that uploads in no slot of a phase is not walked down there (nor one that uploads
+    in every slot up): one play per offset, the step towards the other side of the grid,
+    which changes nothing, so the search stops after its first pass."""
+    scenario = Scenario(**TINY)
+    env = DntEnv(scenario, Drift(scenario), n_envs=1, seed=0)
+    torch.manual_seed(0)
+    learner = VDN(n_agents=scenario.n_bs, obs_dim=env.obs_dim, n_users=scenario.n_users, hidden=8,
+                  head="branching", user_dim=env.user_dim, error_gamma=0.8, upload_phases=2)
+    with torch.no_grad():
+        for terms in learner.online.error_terms:
+            terms.bias[1] = upload_bias  # e_upload: never / always upload, whatever the offset
+    validation = Evaluation(scenario, Drift(scenario), 4, 500)
+    record = fit_upload_offsets(learner, validation, (-1.0, 0.0, 1.0), passes=3)
+    assert record["validation_plays"] == 1 + scenario.n_bs * 2
+    assert record["offsets"] == [[0.0, 0.0]] * scenario.n_bs
+    assert record["validation_after"] == record["validation_before"]
 
 
 def test_a_run_fits_its_upload_offsets_and_the_model_keeps_them(tmp_path, monkeypatch):

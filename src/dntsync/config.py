@@ -324,6 +324,7 @@ class UploadOffsetsConfig:
 
     phases: int = 2  # K; 0: no offsets (the paper profile)
     grid: tuple[float, ...] = (-3.0, -1.0, -0.5, 0.0, 0.5, 1.0, 3.0)
+    passes: int = 2  # the pattern search's passes over the coordinates (at most)
     episodes: int = 64
     seed: int = 20_000  # validation episodes use seed + i, never an evaluation or training seed
 
@@ -332,6 +333,7 @@ class UploadOffsetsConfig:
         _need(len(self.grid) >= 2 and 0.0 in self.grid and all(math.isfinite(g) for g in self.grid)
               and all(a < b for a, b in zip(self.grid, self.grid[1:])), f"{key}.grid",
               list(self.grid), "need finite offsets in increasing order, 0 among them")
+        _need(self.passes >= 1, f"{key}.passes", self.passes, "need >= 1")
         _need(self.episodes >= 1, f"{key}.episodes", self.episodes, "need >= 1")
         _need(self.seed >= 0, f"{key}.seed", self.seed, "need >= 0")
 
@@ -470,7 +472,7 @@ class SweepsConfig:
 
     algos: tuple[Algo, ...] = ("vdn", "iql")  # the learners of the sweeps (Figs. 4-6)
     # the learners of the Fig. 3 setting (the train_marl stages, the report's learner table)
-    fig3_algos: tuple[Algo, ...] = ("vdn", "iql", "qmix")
+    fig3_algos: tuple[Algo, ...] = ("vdn", "iql")  # qmix too: scripts/ablation.py trains it (make ablation)
     workers: int = 2  # training runs in parallel (processes, one torch thread each)
     # null: each batch of runs on a local Dask cluster of `workers` processes; an address
     # (tcp://host:8786): the same runs on that Dask scheduler's workers (docs/pipeline.md)

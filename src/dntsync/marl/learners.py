@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from dntsync.env.actions import decode, encode, random_valid
 from dntsync.env.core import SlotState
 from dntsync.errors import RunError
-from dntsync.marl.networks import AgentQNets
+from dntsync.marl.networks import AgentQNets, with_upload_offsets
 from dntsync.marl.replay import EpisodeBatch
 
 
@@ -113,14 +113,6 @@ def clip_grad_norm(parameters: list[torch.nn.Parameter], max_norm: float) -> Ten
     return total
 
 
-def with_upload_offsets(outputs: Tensor, offsets: Tensor, slot: int) -> Tensor:
-    """A per-bit head's outputs `[..., M, F]` (column 1: the upload term) with BS m's upload
-    term raised by `offsets[m, slot mod K]` (`offsets` `[M, K]`); a new tensor."""
-    out = outputs.clone()
-    out[..., 1] += offsets[:, slot % offsets.shape[1]].to(out.dtype)
-    return out
-
-
 class QPolicy:
     """Acts with the online nets, epsilon-greedily over valid actions (an `EpisodePolicy`);
     `exploration` names how (`EXPLORATION`: "action" or "bit")."""
@@ -133,7 +125,8 @@ class QPolicy:
         self.rng = rng if rng is not None else np.random.default_rng(0)
         self.name = name
         self.explore = EXPLORATION[exploration]
-        # `[M, K]`: added to BS m's upload term in slot t at column t mod K (`with_upload_offsets`)
+        # `[M, K]`: added to BS m's upload term in slot t at column t mod K (`with_upload_offsets`;
+        # none while exploring: the offsets are fitted after training)
         self.offsets = offsets
         self.state: Tensor | None = None
         self.slot = 0
@@ -218,6 +211,8 @@ class QLearner(pl.LightningModule):
         self.target_mixer = copy.deepcopy(self.mixer)
         if self.target_mixer is not None:
             self.target_mixer.requires_grad_(False)
+        if upload_phases > 0 and head == "flat":
+            raise ValueError("upload offsets need a per-bit head (branching or factorised), not flat")
         if upload_phases > 0:  # b[m, t mod K], fitted after training (`dntsync.marl.offsets`)
             self.register_buffer("upload_offsets", torch.zeros(n_agents, upload_phases))
         if reward_centering > 0:  # the reward's running mean, saved with the model (resumes exactly)
@@ -239,7 +234,7 @@ class QLearner(pl.LightningModule):
 
     def exploration_policy(self, epoch: int, rng: np.random.Generator) -> QPolicy:
         return QPolicy(self.online, self.epsilon(epoch), rng, name=f"{self.algo}-explore",
-                       exploration=self.hparams.exploration, offsets=self.offsets)
+                       exploration=self.hparams.exploration)
 
     def greedy_policy(self, offsets: Tensor | None = None) -> QPolicy:
         """The BSs' greedy policy, with the learner's upload offsets or the given `[M, K]` ones."""

@@ -359,6 +359,17 @@ def gru_states(gi: Tensor, s0: Tensor, w_hh: Tensor, b_hh: Tensor) -> Tensor:
     return torch.stack(states, dim=0)
 
 
+def with_upload_offsets(outputs: Tensor, offsets: Tensor, slots: int | Tensor) -> Tensor:
+    """A per-bit head's outputs (`AgentQNets.head_outputs`; column 1: the upload term) with BS
+    m's upload term raised by `offsets[m, t mod K]` in slot t (`offsets` `[M, K]`); a new
+    tensor. `slots`: one slot index for outputs `[..., M, F]`, or the slots `[T]` of outputs
+    `[..., T, M, F]`."""
+    out = outputs.clone()
+    phases = torch.as_tensor(slots) % offsets.shape[1]
+    out[..., 1] += offsets[:, phases].T.to(out.dtype) if phases.dim() else offsets[:, phases].to(out.dtype)
+    return out
+
+
 class GreedyActions(nn.Module):
     """The BSs' greedy actions from their observations: what a trained learner does, as one
     module (the MLflow model of a run). `obs[B, T, M, D]` (an episode's slots from the start,
@@ -374,11 +385,8 @@ class GreedyActions(nn.Module):
     @torch.no_grad()
     def forward(self, obs: Tensor) -> Tensor:
         outputs = self.nets.head_outputs(self.nets.unroll(obs), obs)
-        if self.offsets is not None:  # [T, M] of each slot's offsets, onto column 1 (upload)
-            k = self.offsets.shape[1]
-            slots = torch.arange(obs.shape[1]) % k
-            outputs = outputs.clone()
-            outputs[..., 1] += self.offsets[:, slots].T.to(outputs.dtype)
+        if self.offsets is not None:
+            outputs = with_upload_offsets(outputs, self.offsets, torch.arange(obs.shape[1]))
         covered = self.nets.users(obs)[..., COVERED_FEATURE] > 0.5
         return self.nets.masked_max(outputs, covered)[1]
 

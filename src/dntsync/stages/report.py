@@ -202,6 +202,17 @@ def ablation_table(ablation_rows: list[dict], what: str = "adds to the row above
     return rows
 
 
+def learners_table(entries: list[dict]) -> list[str]:
+    rows = ["| learner | team reward (± over seeds) | per seed | / best heuristic (which) | / oracle | command |",
+            "|---|---|---|---|---|---|"]
+    for r in entries:
+        seeds = " / ".join(f"{v:.2f}" for v in r["per_seed"])
+        rows.append(f"| {r['algo'].upper()} | {r['team_reward']:.2f} ± {r['std_over_seeds']:.2f} | {seeds} | "
+                    f"{r['ratio_to_best_heuristic']:.3f} ({r['best_heuristic']}) | {r['ratio_to_oracle']:.3f} | "
+                    f"`{r['command']}` |")
+    return rows
+
+
 def twin_table(twin: dict) -> list[str]:
     per = twin["one_step"]["per_user"]
     rows = ["| user | twin MSE | Bayes floor | ratio | hold-last MSE |", "|---|---|---|---|---|"]
@@ -335,6 +346,10 @@ def build(cfg: Config) -> str:
             lines += ["The changes that made no difference where they were added, each undone "
                       "alone from the default:", "",
                       *ablation_table(ablation["leave_one_out"], "undoes from the default"), ""]
+        if ablation.get("learners"):
+            lines += ["Learners the pipeline does not train by default (add them to "
+                      "`sweeps.fig3_algos`), in the default configuration:", "",
+                      *learners_table(ablation["learners"]), ""]
     diagnosis = diagnosis_table(cfg) if marl else []
     if diagnosis:
         lines += ["## Whom each BS serves", "",
