@@ -70,12 +70,6 @@ def matrix_stages(cfg: Config) -> list[str]:
     return [f"train_marl@{a}-{s}" for a in cfg.sweeps.fig3_algos for s in cfg.marl.seeds]
 
 
-# Queued behind the learner stages in their pool: it starts when the last of them does not
-# fill the workers (9 stages on 2 workers leave one core idle for a whole run otherwise) and
-# its own workers share the cores with it until it ends (dvc.yaml: independent stages).
-FIRST_SWEEP = "sweep@fig4"
-
-
 LOGS = Path("logs/pipeline")  # one file per parallel stage: its output, not the console's
 DVC_HINT = "Use `dvc push` to send your updates to remote storage."  # no remote here
 
@@ -88,7 +82,7 @@ def run_stages(stages: list[str], dvc: str, workers: int, logs: Path, cwd: Path,
     logs.mkdir(parents=True, exist_ok=True)
     jobs = [("command", stage, [dvc, "--wait-for-lock", "repro", "--single-item", stage],
              str(logs / f"{stage}.log"), str(cwd), env) for stage in stages]
-    results = run_jobs(jobs, workers, f"stages (logs in {logs})", cluster=cluster)
+    results = run_jobs(jobs, workers, f"train_marl (logs in {logs})", cluster=cluster)
     failed = [r for r in results if r["returncode"]]
     for r in failed:
         tail = Path(r["log"]).read_text().splitlines()[-15:]
@@ -114,9 +108,10 @@ def repro(cfg: Config, workdir: Path, force: bool = False) -> int:
     outs), so independent stages can be reproduced by several `dvc repro --single-item`
     processes at once; `--wait-for-lock` makes them queue for the lock instead of failing
     while another one saves its results. So: the stages up to the twin, then the learner
-    stages in parallel with the first sweep queued behind them (`FIRST_SWEEP`), then a plain
-    `dvc repro`, which runs what is left and finds everything else up to date. With
-    `force`, one serial `dvc repro --force`.
+    stages in parallel, then a plain `dvc repro`, which runs what is left and finds
+    everything else up to date (the sweeps run once the learner stages' workers are gone:
+    a sweep queued in their pool ran 16% slower, benchmarks/README.md). With `force`, one
+    serial `dvc repro --force`.
     """
     beside = Path(sys.executable).with_name("dvc")  # this venv's dvc first
     dvc = str(beside) if beside.exists() else shutil.which("dvc") or "dvc"
@@ -132,7 +127,7 @@ def repro(cfg: Config, workdir: Path, force: bool = False) -> int:
         else:
             returncode = run_dvc([dvc, "repro", "train_twin"], cwd=workdir, env=env)
             if returncode == 0:
-                returncode = run_stages([*matrix_stages(cfg), FIRST_SWEEP], dvc, cfg.sweeps.workers,
+                returncode = run_stages(matrix_stages(cfg), dvc, cfg.sweeps.workers,
                                         workdir / LOGS, workdir, env, cfg.sweeps.cluster)
             if returncode == 0:
                 returncode = run_dvc([dvc, "repro"], cwd=workdir, env=env)
