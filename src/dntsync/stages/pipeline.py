@@ -109,9 +109,7 @@ def repro(cfg: Config, workdir: Path, force: bool = False) -> int:
     processes at once; `--wait-for-lock` makes them queue for the lock instead of failing
     while another one saves its results. So: the stages up to the twin, then the learner
     stages in parallel, then a plain `dvc repro`, which runs what is left and finds
-    everything else up to date (the sweeps run once the learner stages' workers are gone:
-    a sweep queued in their pool ran 16% slower, benchmarks/README.md). With `force`, one
-    serial `dvc repro --force`.
+    everything else up to date. With `force`, one serial `dvc repro --force`.
     """
     beside = Path(sys.executable).with_name("dvc")  # this venv's dvc first
     dvc = str(beside) if beside.exists() else shutil.which("dvc") or "dvc"
