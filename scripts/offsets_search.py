@@ -1,7 +1,7 @@
 """How the upload offsets' fitting choices score (docs/learners.md, "Upload offsets").
 
 After `make run`, refits the upload offsets of every saved VDN model (Fig. 3 and every sweep
-point, each seed) from zero with the chosen search, and prints per setting the mean over
+point, each seed) with the chosen search, and prints per setting the mean over
 seeds of the evaluation team reward without offsets, with them, and the best heuristic's
 (from the run's metrics, the same evaluation episodes):
 
@@ -9,8 +9,8 @@ seeds of the evaluation team reward without offsets, with them, and the best heu
     .venv/bin/python scripts/offsets_search.py --episodes 32 --exhaustive
     .venv/bin/python scripts/offsets_search.py --phases 1 --settings fig3
 
-`--exhaustive` tries every grid value at each coordinate (instead of walking from the
-current one while the score does not fall); `--passes N` sets the number of passes over the
+`--exhaustive` tries every grid value at each coordinate, from zero (instead of walking from
+the best phase start while the score does not fall); `--passes N` sets the number of passes over the
 coordinates (default: the config's). The training is untouched, so the models of one `make run` serve every search.
 Minutes on 2 cores (`--settings` narrows it).
 """

@@ -18,7 +18,7 @@ from dntsync.env.evaluate import Evaluation, Rollout, StatelessPolicy, rollout
 from dntsync.marl import IQL, VDN, FactorisedHead, FlatHead, QPolicy
 from dntsync.marl.learners import LEARNERS, QMIX, QMixer
 from dntsync.marl.networks import AgentQNets, BranchingHead, GreedyActions, valid_mask, with_upload_offsets
-from dntsync.marl.offsets import fit_upload_offsets, scores
+from dntsync.marl.offsets import fit_association_slope, fit_upload_offsets, phase_starts, scores
 from dntsync.marl.replay import EpisodeBatch, EpisodeReplay
 from dntsync.marl.training import build_learner, fit_marl
 from dntsync.network import Scenario
@@ -411,6 +411,50 @@ def test_association_with_a_score_falling_with_distance_is_the_nearest_bs_rule()
     np.testing.assert_array_equal(serve.transpose(0, 2, 1)[several], nearest.transpose(0, 2, 1)[several])
 
 
+def test_a_large_association_slope_is_the_nearest_bs_rule_whatever_the_score():
+    """h(d) = +d gives each overlap user to its farthest covering BS; h(d) - c d with c = 10
+    gives it to the nearest."""
+    from dntsync.env.policies import nearest_association
+
+    scenario = Scenario(n_users=12, episode_length=4)
+    env = DntEnv(scenario, Drift(scenario), n_envs=64, seed=5, obs_frame="bs")
+    nets, _ = association_nets(env)
+    with torch.no_grad():  # h(d) = d
+        for p in nets.association.parameters():
+            p.zero_()
+        first, second, out = (m for m in nets.association.score if isinstance(m, torch.nn.Linear))
+        first.weight[0, 0] = second.weight[0, 0] = out.weight[0, 0] = 1.0
+    obs, covered = env.reset()
+    obs_t = torch.as_tensor(obs)
+    several = covered.sum(1) >= 2
+    nearest = nearest_association(scenario, env.state.user_xy, covered).transpose(0, 2, 1)[several]
+    for slope, same in ((0.0, False), (10.0, True)):
+        nets.association.slope.fill_(slope)
+        with torch.no_grad():
+            terms = nets.head_outputs(nets.unroll(obs_t[:, None])[:, 0], obs_t)
+            serve = decode(nets.masked_max(terms, torch.as_tensor(covered))[1].numpy(), 12)[1]
+        assert np.array_equal(serve.transpose(0, 2, 1)[several], nearest) == same
+
+
+def test_the_fitted_association_slope_is_the_best_on_validation():
+    scenario = Scenario(n_users=8, n_rbs=6, episode_length=5)
+    env = DntEnv(scenario, Drift(scenario), n_envs=1, seed=0)
+    torch.manual_seed(1)
+    learner = VDN(n_agents=scenario.n_bs, obs_dim=env.obs_dim, n_users=scenario.n_users, hidden=8,
+                  head="branching", user_dim=env.user_dim, association=env.layout(), upload_phases=2)
+    validation = Evaluation(scenario, Drift(scenario), 8, 500)
+    slopes = (0.0, 1.0, 10.0, 100.0, 1000.0)
+    record = fit_association_slope(learner, validation, slopes)
+    played = dict((c, v) for c, v in record["validation"])
+    assert list(played) == list(slopes)
+    best = max(played.values())
+    assert record["slope"] == min(c for c, v in played.items() if v == best)
+    assert float(learner.online.association.slope) == record["slope"]
+    assert float(learner.target.association.slope) == 0.0  # the greedy policy's alone
+    assert scores(learner, validation, learner.upload_offsets)[0] == pytest.approx(best)
+    assert played[100.0] == played[1000.0]  # both the nearest-BS rule
+
+
 def test_the_association_needs_a_per_bit_head():
     with pytest.raises(ValueError, match="per-bit head"):
         AgentQNets(3, 8, 4, 2, "flat", association=DntEnv(Scenario(n_users=2)).layout())
@@ -509,7 +553,8 @@ def test_two_epoch_run_logs_to_mlflow_and_writes_outputs(tmp_path, monkeypatch, 
     import mlflow
 
     monkeypatch.chdir(tmp_path)  # MLflow's local artifact store
-    cfg = tiny_config(tmp_path, "marl.upload_offsets.phases=0")  # the final policy is the validated one
+    cfg = tiny_config(tmp_path, "marl.upload_offsets.phases=0",  # the final policy is the validated one
+                      "marl.network.association_slopes=[]")
     seen = []
 
     class Watch(pl.Callback):  # what an Optuna pruner would see
@@ -603,8 +648,11 @@ def test_fitted_upload_offsets_are_on_the_grid_and_never_lower_the_validation_sc
     assert record["offsets"] == learner.upload_offsets.tolist()
     assert record["validation_before"] == pytest.approx(before.mean())
     assert record["validation_after"] == pytest.approx(after.mean())
-    if algo == "vdn":  # one team score, never lowered
+    if algo == "vdn":  # one team score, never below zero offsets' nor any phase start's
         assert np.all(after == after[0]) and after[0] >= before[0]
+        starts = phase_starts(scenario.n_bs, 3, grid)
+        assert len(starts) == 1 + 3 ** scenario.n_bs
+        assert after[0] >= max(scores(learner, validation, start)[0] for start in starts)
     else:  # each BS's own local reward, each offset fitted for its BS (another's may lower it)
         assert not np.all(after == after[0])
     again = LEARNERS[algo](n_agents=scenario.n_bs, obs_dim=env.obs_dim, n_users=scenario.n_users,
@@ -622,8 +670,9 @@ def test_upload_offsets_need_a_per_bit_head():
 @pytest.mark.parametrize("upload_bias", [-100.0, 100.0])
 def test_the_offsets_search_plays_no_step_that_cannot_change_an_action(upload_bias):
     """A BS that uploads in no slot of a phase is not walked down there (nor one that uploads
-    in every slot up): one play per offset, the step towards the other side of the grid,
-    which changes nothing, so the search stops after its first pass."""
+    in every slot up): after the phase starts (none better than zero, as no action changes),
+    one play per offset, the step towards the other side of the grid, which changes nothing,
+    so the search stops after its first pass."""
     scenario = Scenario(**TINY)
     env = DntEnv(scenario, Drift(scenario), n_envs=1, seed=0)
     torch.manual_seed(0)
@@ -634,7 +683,7 @@ def test_the_offsets_search_plays_no_step_that_cannot_change_an_action(upload_bi
             terms.bias[1] = upload_bias  # e_upload: never / always upload, whatever the offset
     validation = Evaluation(scenario, Drift(scenario), 4, 500)
     record = fit_upload_offsets(learner, validation, (-1.0, 0.0, 1.0), passes=3)
-    assert record["validation_plays"] == 1 + scenario.n_bs * 2
+    assert record["validation_plays"] == 1 + 2 ** scenario.n_bs + scenario.n_bs * 2
     assert record["offsets"] == [[0.0, 0.0]] * scenario.n_bs
     assert record["validation_after"] == record["validation_before"]
 
@@ -653,6 +702,9 @@ def test_a_run_fits_its_upload_offsets_and_the_model_keeps_them(tmp_path, monkey
     assert float(last["eval_team_reward"]) == pytest.approx(report["eval_team_reward"])
     loaded = VDN.load_from_checkpoint(tmp_path / "models/vdn_seed0.ckpt", weights_only=True)
     assert loaded.upload_offsets.tolist() == fitted["offsets"]
+    slope = report["association_slope"]
+    assert [c for c, _ in slope["validation"]] == list(cfg.marl.network.association_slopes)
+    assert float(loaded.online.association.slope) == slope["slope"]
     evaluation = Evaluation(cfg.scenario, Drift(cfg.scenario), cfg.marl.evaluation.episodes,
                             cfg.marl.evaluation.seed, **cfg.env.observation_options())
     assert evaluation.run(loaded.greedy_policy())["team_reward"]["mean"] == \
@@ -661,6 +713,7 @@ def test_a_run_fits_its_upload_offsets_and_the_model_keeps_them(tmp_path, monkey
     [run] = mlflow.search_runs(experiment_names=["dntsync-marl"], output_format="list")
     assert run.data.metrics["eval_team_reward"] == pytest.approx(report["eval_team_reward"])
     assert run.data.metrics["validation_reward_with_offsets"] == pytest.approx(fitted["validation_after"])
+    assert run.data.metrics["association_slope"] == slope["slope"]
 
 
 def test_same_seed_same_result(tmp_path):

@@ -17,6 +17,7 @@ from dntsync.env import (
     random_valid,
     resolve,
 )
+from dntsync.env.policies import tuned_phases
 from dntsync.network import Scenario, user_distances
 
 
@@ -135,6 +136,37 @@ def test_bad_upload_rule_is_rejected(tiny):
             NearestBS(tiny, bad)
     with pytest.raises(ValueError, match="staggered"):
         NearestBS(tiny, "always", staggered=True)
+    for bad in ((0,) * (tiny.n_bs - 1), (0,) * (tiny.n_bs - 1) + (2,), (-1,) * tiny.n_bs):
+        with pytest.raises(ValueError, match="phases"):
+            NearestBS(tiny, 2, phases=bad)
+    with pytest.raises(ValueError, match="not both"):
+        NearestBS(tiny, 2, staggered=True, phases=(0,) * tiny.n_bs)
+
+
+def test_given_phases_set_each_bs_first_upload_slot(tiny):
+    phases = tuple(m % 3 for m in range(tiny.n_bs))
+    env = DntEnv(tiny, n_envs=2, seed=0)
+    env.reset()
+    policy = NearestBS(tiny, 3, phases=phases)
+    assert policy.name == "nearest-every-3-phases-" + "-".join(map(str, phases))
+    for t in range(tiny.episode_length):
+        upload, _ = decode(policy.act(env.state), tiny.n_users)
+        np.testing.assert_array_equal(upload, np.broadcast_to([(t - p) % 3 == 0 for p in phases], upload.shape))
+        env.step(np.zeros((2, tiny.n_bs), dtype=np.int64))
+
+
+def test_tuned_phases_are_the_best_of_every_assignment(tiny):
+    """The score is called once per assignment, and the highest wins (the first among equals)."""
+    target = tuple((m + 1) % 3 for m in range(tiny.n_bs))
+    seen = []
+
+    def score(policy):
+        seen.append(tuple(policy.offsets.tolist()))
+        return -sum(a != b for a, b in zip(seen[-1], target))
+
+    assert tuned_phases(tiny, 3, score) == target
+    assert len(seen) == len(set(seen)) == 3 ** tiny.n_bs
+    assert tuned_phases(tiny, 3, lambda policy: 0.0) == (0,) * tiny.n_bs
 
 
 def test_baseline_policies_names(tiny):
@@ -142,3 +174,9 @@ def test_baseline_policies_names(tiny):
     assert names == ["random", "nearest-always", "nearest-never", "nearest-every-2", "nearest-every-4",
                      "nearest-every-2-staggered", "nearest-every-4-staggered", "oracle"]
     assert "oracle" not in [p.name for p in baseline_policies(tiny, (), oracle=False)]
+    # tuned phases for each period k with k^M <= tuned_max, given a score
+    tuned = baseline_policies(tiny, (2, 4), oracle=False, score=lambda p: float(p.offsets[0]),
+                              tuned_max=2 ** tiny.n_bs)
+    assert [p.name for p in tuned][-1] == "nearest-every-2-tuned"
+    assert tuned[-1].offsets.tolist() == [1] + [0] * (tiny.n_bs - 1)
+    assert "nearest-every-2-tuned" not in [p.name for p in baseline_policies(tiny, (2,), tuned_max=10 ** 6)]

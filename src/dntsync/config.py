@@ -255,17 +255,27 @@ class NetworkConfig:
     `association` (per-bit heads only): the users several BSs cover are served by exactly
     one of them, chosen by a score of its distance that all BSs learn together
     (`dntsync.marl.networks.Association`); off, each BS's own serve term decides.
+    `association_slopes`: after training, the score h(d) becomes h(d) - c d with c the best
+    of these on the validation episodes of `marl.upload_offsets` (`dntsync.marl.offsets.
+    fit_association_slope`); a large c is the nearest-BS rule. Empty: no fit; without the
+    association there is nothing to fit.
     """
 
     head: Head = "branching"
     hidden: int = 128  # theta^h (Table II)
     sparse_head: bool = True
     association: bool = True
+    association_slopes: tuple[float, ...] = (0.0, 1.0, 3.0, 10.0, 100.0)
 
     def validate(self, key: str) -> None:
         _need(self.hidden >= 1, f"{key}.hidden", self.hidden, "need >= 1")
         _need(not (self.association and self.head == "flat"), f"{key}.association", self.association,
               f"the association needs a per-bit head; set {key}.association=false with head flat")
+        slopes = self.association_slopes
+        _need(not slopes or (slopes[0] == 0.0 and all(math.isfinite(c) for c in slopes)
+                             and all(a < b for a, b in zip(slopes, slopes[1:]))),
+              f"{key}.association_slopes", list(slopes),
+              "need finite slopes in increasing order from 0, or [] for none")
 
 
 @dataclass(frozen=True)
@@ -305,10 +315,14 @@ class EvaluationConfig:
     # the heuristics' upload periods k: nearest-BS uploading every k slots, synchronised and
     # staggered, beside always and never (`dntsync.env.policies.baseline_policies`)
     upload_periods: tuple[int, ...] = (2, 3, 5, 10)
+    # and every k slots with the BSs' phases tuned on the validation episodes of
+    # marl.upload_offsets (the best of all k^M assignments), for each k with k^M <= this
+    tuned_max: int = 27
 
     def validate(self, key: str) -> None:
         for name in ("every", "episodes"):
             _need(getattr(self, name) >= 1, f"{key}.{name}", getattr(self, name), "need >= 1")
+        _need(self.tuned_max >= 0, f"{key}.tuned_max", self.tuned_max, "need >= 0 (0: no tuned phases)")
         _need(all(isinstance(k, int) and not isinstance(k, bool) and k >= 2 for k in self.upload_periods)
               and len(set(self.upload_periods)) == len(self.upload_periods),
               f"{key}.upload_periods", list(self.upload_periods),

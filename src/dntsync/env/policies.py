@@ -2,10 +2,15 @@
 
 Each maps the current `SlotState` of a batched environment to actions `[B, M]`:
 - `RandomValid`: every allowed bit on with probability 1/2;
-- `NearestBS(upload=..., staggered=...)`: each covered user is served by its nearest covering
-  BS; uploads "always", "never", or every k slots (an int k): all BSs at t = 0, k, 2k, ...,
-  or staggered, BS m from slot round(m k / M) on, so the BSs' uploads (their RBs and their
-  interference) fall in different slots;
+- `NearestBS(upload=..., staggered=..., phases=...)`: each covered user is served by its
+  nearest covering BS; uploads "always", "never", or every k slots (an int k): all BSs at
+  t = 0, k, 2k, ..., or staggered, BS m from slot round(m k / M) on, so the BSs' uploads
+  (their RBs and their interference) fall in different slots, or from the slots `phases`
+  give;
+- `tuned_phases`: the phases of every-k uploads that score best on some episodes, over all
+  k^M assignments of the BSs to the k slot phases (`baseline_policies` tunes them on
+  validation episodes: which BS shares its upload slot with which, and which go first,
+  moves the team reward by more than the learners' margins);
 - `MyopicOracle`: centralised and all-seeing (positions, fading, the twin's prediction); each
   slot it picks the joint association and uploads maximising the immediate team reward,
   exhaustively over the 2^M upload choices and over the covering BSs of each covered user,
@@ -17,6 +22,7 @@ Each maps the current `SlotState` of a batched environment to actions `[B, M]`:
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
@@ -56,19 +62,28 @@ def nearest_association(scenario: Scenario, user_xy: np.ndarray, covered: np.nda
 class NearestBS:
     """Nearest-BS association with a fixed upload rule."""
 
-    def __init__(self, scenario: Scenario, upload: str | int = "always", staggered: bool = False) -> None:
+    def __init__(self, scenario: Scenario, upload: str | int = "always", staggered: bool = False,
+                 phases: tuple[int, ...] | None = None) -> None:
         if not (upload in ("always", "never") or (isinstance(upload, int) and upload >= 1)):
             raise ValueError(f"upload = {upload!r} is invalid: need 'always', 'never' or an int k >= 1")
-        if staggered and not isinstance(upload, int):
+        if (staggered or phases is not None) and not isinstance(upload, int):
             raise ValueError(f"staggered uploads need a period k, not upload = {upload!r}")
+        if staggered and phases is not None:
+            raise ValueError("give staggered or phases, not both")
+        if phases is not None and (len(phases) != scenario.n_bs
+                                   or not all(0 <= p < upload for p in phases)):
+            raise ValueError(f"phases = {phases!r} is invalid: need one slot in [0, {upload}) per BS")
         self.scenario = scenario
         self.upload = upload
         self.name = f"nearest-{upload}" if isinstance(upload, str) else f"nearest-every-{upload}"
-        # the slot of each BS's first upload: 0 for all, or spread over the period
+        # the slot of each BS's first upload: 0 for all, spread over the period, or given
         self.offsets = np.zeros(scenario.n_bs, dtype=int)
         if staggered:
             self.offsets = np.round(np.arange(scenario.n_bs) * upload / scenario.n_bs).astype(int)
             self.name += "-staggered"
+        if phases is not None:
+            self.offsets = np.array(phases, dtype=int)
+            self.name += "-phases-" + "-".join(map(str, phases))
 
     def act(self, state: SlotState) -> np.ndarray:
         serve = nearest_association(self.scenario, state.user_xy, state.covered)
@@ -129,13 +144,29 @@ class MyopicOracle:
         return actions
 
 
+def tuned_phases(scenario: Scenario, k: int, score: Callable[[NearestBS], float]) -> tuple[int, ...]:
+    """The phases (BS m uploads in the slots t = phases[m] mod k) whose every-k rule `score`s
+    highest, over all k^M of them; the first in lexicographic order among equals."""
+    every = itertools.product(range(k), repeat=scenario.n_bs)
+    return max(every, key=lambda phases: score(NearestBS(scenario, k, phases=phases)))
+
+
 def baseline_policies(scenario: Scenario, upload_periods: tuple[int, ...], seed: int = 0,
-                      oracle: bool = True) -> list:
+                      oracle: bool = True, score: Callable[[NearestBS], float] | None = None,
+                      tuned_max: int = 0) -> list:
     """The standard comparison set: random; nearest-BS uploading always, never, and every k
-    slots for each k of `upload_periods`, synchronised and staggered; the myopic oracle."""
+    slots for each k of `upload_periods`, synchronised, staggered and, given `score` (e.g.
+    the team reward on validation episodes), with `tuned_phases` for each k whose k^M
+    assignments number at most `tuned_max` (named nearest-every-k-tuned); the myopic oracle."""
     policies = [RandomValid(seed), NearestBS(scenario, "always"), NearestBS(scenario, "never")]
     policies += [NearestBS(scenario, k) for k in upload_periods]
     policies += [NearestBS(scenario, k, staggered=True) for k in upload_periods]
+    if score is not None:
+        for k in upload_periods:
+            if k ** scenario.n_bs <= tuned_max:
+                tuned = NearestBS(scenario, k, phases=tuned_phases(scenario, k, score))
+                tuned.name = f"nearest-every-{k}-tuned"
+                policies.append(tuned)
     if oracle:
         policies.append(MyopicOracle(scenario))
     return policies

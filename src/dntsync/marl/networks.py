@@ -289,7 +289,10 @@ class Association(nn.Module):
     positive for exactly one covering BS (ties aside), so the BSs' greedy actions never serve
     u twice and always serve it, with no message between them. The learner learns h from the
     team reward through these terms (VDN sums them); a decreasing h is the nearest-BS rule.
-    Users only one BS covers keep their head's own serve term.
+    Users only one BS covers keep their head's own serve term. After training the score may
+    lean towards the nearest BS, h(d) - c d with `slope` c (0 while training; fitted on
+    validation episodes, `dntsync.marl.offsets.fit_association_slope`): a learnt h that
+    is not decreasing gives users to a farther BS, which a large c undoes.
 
     `layout`: "bs_positions" `[M, 2]`, "coverage_radius", and the affine frame of the
     users' (x, y) in each BS's observation, "frame_center" and "frame_half" `[M, 2]` (the
@@ -302,6 +305,7 @@ class Association(nn.Module):
             self.register_buffer(name, torch.tensor(layout[name], dtype=torch.get_default_dtype()),
                                  persistent=False)
         self.radius = float(layout["coverage_radius"])
+        self.register_buffer("slope", torch.zeros(()))  # c: kept in the model file
         self.score = nn.Sequential(nn.Linear(1, ASSOCIATION_WIDTH), nn.ReLU(),
                                    nn.Linear(ASSOCIATION_WIDTH, ASSOCIATION_WIDTH), nn.ReLU(),
                                    nn.Linear(ASSOCIATION_WIDTH, 1))
@@ -323,7 +327,7 @@ class Association(nn.Module):
         if not bool(several.any()):
             return terms
         row, bs, user, dist, rivals = row[several], bs[several], user[several], dist[several], rivals[several]
-        h = self.score(dist[..., None])[..., 0]  # [P', M]
+        h = self.score(dist[..., None])[..., 0] - self.slope * dist  # [P', M]
         own = h.gather(1, bs[:, None])[:, 0]
         best_rival = h.masked_fill(~rivals, float("-inf")).max(-1).values
         return flat_terms.index_put((row, bs, user + 2), own - best_rival).view(terms.shape)

@@ -4,15 +4,23 @@ After training, each BS's upload term is raised by an offset b[m, t mod K] in sl
 (`QPolicy`, `dntsync.marl.networks.with_upload_offsets`); every BS knows the slot index, as
 the staggered heuristics do. The offsets are fitted by a pattern search (coordinate by
 coordinate, each moved along `grid` while the score does not fall; up to `passes` passes
-over the coordinates, fewer once a pass moves none) on validation episodes: their own seeds, never the evaluation's nor a training
-episode's. The score is what the learner trains on: the mean team reward for VDN and QMIX;
-for IQL, BS m's own local reward for BS m's offsets (each BS tunes for itself, as it learns).
+over the coordinates, fewer once a pass moves none) on validation episodes: their own
+seeds, never the evaluation's nor a training episode's. The score is what the learner
+trains on: the mean team reward for VDN and QMIX; for IQL, BS m's own local reward for BS
+m's offsets (each BS tunes for itself, as it learns). With a team score the search starts
+from the best of zero and the K^M assignments of each BS to one upload phase
+(`phase_starts`): which BSs share an upload slot is a joint choice that one coordinate at a
+time does not reach from zero.
 
 A walk stops early where going on cannot change a single action: raising b[m, k] once BS m
 uploads in every phase-k slot of the validation episodes, or lowering it once BS m uploads
 in none. Only BS m's phase-k upload bits read b[m, k], so every later step would replay the
 same episodes action for action; the fit is the one the full walk finds, in fewer plays.
 Offsets met again (a later pass's trial that an earlier one played) are not played again.
+
+Before the offsets, the association's slope (`fit_association_slope`): the learnt score of
+distance that picks which covering BS serves an overlap user, leant towards the nearest BS
+as far as the validation episodes ask (`marl.network.association_slopes`).
 
 Why: the Q-learners leave the upload bit where its value is small against the reward's
 noise; on their validation episodes the greedy policy's upload choices can be scored
@@ -22,6 +30,7 @@ numbers per BS is tuned directly. docs/learners.md, "Upload offsets", has the me
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,24 +52,22 @@ class Play:
 
 
 class _CountUploads:
-    """An `EpisodePolicy` that plays `policy` and counts each BS's uploads per slot phase."""
+    """An `EpisodePolicy` that plays a `QPolicy` and counts each BS's uploads per slot phase
+    (the phase its offsets are read at: `QPolicy.slot` mod K)."""
 
     def __init__(self, policy, n_bs: int, n_phases: int) -> None:
         self.policy, self.name = policy, policy.name
         self.uploads = np.zeros((n_bs, n_phases))
         self.slots = np.zeros(n_phases)
-        self.slot = 0
 
     def begin_episode(self, n_envs: int) -> None:
         self.policy.begin_episode(n_envs)
-        self.slot = 0
 
     def act(self, state, obs) -> np.ndarray:
+        k = self.policy.slot % len(self.slots)
         actions = np.asarray(self.policy.act(state, obs))
-        k = self.slot % len(self.slots)
         self.uploads[:, k] += (actions & 1).sum(axis=0)  # bit 0: upload
         self.slots[k] += actions.shape[0]
-        self.slot += 1
         return actions
 
 
@@ -84,14 +91,40 @@ def scores(learner, validation: Evaluation, offsets: torch.Tensor) -> np.ndarray
     return play(learner, validation, offsets).scores
 
 
-def fit_upload_offsets(learner, validation: Evaluation, grid: tuple[float, ...], passes: int = 1,
-                       start: torch.Tensor | None = None) -> dict:
-    """Fit `learner.upload_offsets` `[M, K]` in place from `start` (grid values; default
-    zero): at most `passes` passes over the coordinates, stopping after one that moves none;
-    return the record: the offsets, the validation score before and after (the team's, or
-    the BSs' mean local reward) and the number of validation plays (each set of offsets is
-    played once)."""
-    offsets = torch.zeros_like(learner.upload_offsets) if start is None else start.clone()
+def fit_association_slope(learner, validation: Evaluation, slopes: tuple[float, ...]) -> dict:
+    """Set the greedy policy's association slope c (`dntsync.marl.networks.Association`) to
+    the one of `slopes` (increasing, from 0) whose play of `validation` with the current
+    upload offsets scores highest (the learner's score, its mean over the BSs; the smallest c
+    among equals); return the record: the slope and each slope's score."""
+    association = learner.online.association
+    offsets = learner.offsets if learner.offsets is not None else torch.zeros(len(learner.online.agents), 1)
+    played = {}
+    for c in slopes:
+        association.slope.fill_(float(c))
+        played[float(c)] = float(play(learner, validation, offsets).scores.mean())
+    best = max(played, key=lambda c: (played[c], -c))
+    association.slope.fill_(best)
+    return {"slope": best, "validation": [[c, v] for c, v in played.items()]}
+
+
+def phase_starts(n_bs: int, n_phases: int, grid: tuple[float, ...]) -> list[torch.Tensor]:
+    """Zero, then every assignment of the BSs to one upload phase each (K^M of them, in
+    lexicographic order): b[m, k] the grid's top in BS m's phase, its bottom elsewhere."""
+    starts = [torch.zeros(n_bs, n_phases)]
+    for phases in itertools.product(range(n_phases), repeat=n_bs):
+        start = torch.full((n_bs, n_phases), min(grid))
+        start[range(n_bs), list(phases)] = max(grid)
+        starts.append(start)
+    return starts
+
+
+def fit_upload_offsets(learner, validation: Evaluation, grid: tuple[float, ...], passes: int = 1) -> dict:
+    """Fit `learner.upload_offsets` `[M, K]` in place: from the best of `phase_starts` for a
+    team score (VDN, QMIX), from zero for BSs that score themselves (IQL: no BS picks the
+    others' phases), at most `passes` passes over the coordinates, stopping after one that
+    moves none; return the record: the offsets, the validation score with zero offsets and
+    after (the team's, or the BSs' mean local reward) and the number of validation plays
+    (each set of offsets is played once)."""
     grid = [float(g) for g in grid]
     played: dict[tuple, Play] = {}
 
@@ -101,9 +134,11 @@ def fit_upload_offsets(learner, validation: Evaluation, grid: tuple[float, ...],
             played[key] = play(learner, validation, trial)
         return played[key]
 
+    n_bs, n_phases = learner.upload_offsets.shape
+    starts = phase_starts(n_bs, n_phases, grid) if learner.mixer is not None else [torch.zeros(n_bs, n_phases)]
+    before = float(play_of(starts[0]).scores.mean())
+    offsets = max(starts, key=lambda start: float(play_of(start).scores.mean())).clone()
     current = play_of(offsets)
-    before = float(current.scores.mean())
-    n_bs, n_phases = offsets.shape
     for _ in range(passes):
         moved = False
         for m in range(n_bs):

@@ -6,9 +6,10 @@ callbacks, e.g. an Optuna pruner on "eval_team_reward", and switches the outputs
 One run = Algorithm 2 for G = `marl.algorithm.epochs` epochs under a Lightning `Trainer`:
 `EpisodeDataModule` collects D episodes per epoch and serves replay minibatches, the
 `QLearner` subclass updates, greedy evaluation on the fixed evaluation episodes runs as
-validation every `marl.evaluation.every` epochs. Then, with `marl.upload_offsets.phases` > 0,
-the greedy policy's upload offsets are fitted on validation episodes (`dntsync.marl.offsets`)
-before the final evaluation. With outputs on, Lightning keeps
+validation every `marl.evaluation.every` epochs. Then the greedy policy's association slope
+(`marl.network.association_slopes`) and, with `marl.upload_offsets.phases` > 0, its upload
+offsets are fitted on validation episodes (`dntsync.marl.offsets`) before the final
+evaluation. With outputs on, Lightning keeps
 `<checkpoint_dir>/<algo>_seed<S>/last.ckpt` (model, optimiser, replay, curve so far) after
 every epoch and a rerun of the same command resumes from it; at the end the final greedy
 evaluation and the baselines on the same episodes are written (see `write_run_outputs`).
@@ -41,7 +42,7 @@ from dntsync.env.predictors import Predictor
 from dntsync.errors import RunError, UserError
 from dntsync.files import copy_file, save_torch, write_csv, write_json, write_text
 from dntsync.marl.learners import LEARNERS, QLearner
-from dntsync.marl.offsets import fit_upload_offsets
+from dntsync.marl.offsets import fit_association_slope, fit_upload_offsets
 from dntsync.marl.replay import EpisodeDataModule
 from dntsync.metrics import METRICS
 from dntsync.tracking import log_torch_model, training_run
@@ -50,7 +51,8 @@ MLFLOW_SECTIONS = ("seed", "scenario", "env", "marl")
 CURVE_COLUMNS = ("epoch", "train_reward", *(f"train_{k}" for k in METRICS[1:]), "train_loss",
                  "epsilon", *(f"eval_{k}" for k in METRICS))
 # What a resumed run may change: training longer (`marl.algorithm.epochs`), the stage's
-# list of seeds and where outputs go (`marl.outputs`).
+# list of seeds, where outputs go (`marl.outputs`) and what is fitted after training
+# (`marl.upload_offsets`, `marl.network.association_slopes`).
 RESUMABLE_CHANGES = ("seeds", "outputs", "upload_offsets")  # not used in training
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -113,6 +115,7 @@ def run_fingerprint(cfg: Config, predictor_description: str) -> dict:
     """What a checkpoint must have been trained with to be resumed."""
     marl = {k: v for k, v in to_plain(cfg.marl).items() if k not in RESUMABLE_CHANGES}
     marl["algorithm"] = {k: v for k, v in marl["algorithm"].items() if k != "epochs"}
+    marl["network"] = {k: v for k, v in marl["network"].items() if k != "association_slopes"}
     return {"scenario": to_plain(cfg.scenario), "env": to_plain(cfg.env), "marl": marl,
             "predictor": predictor_description}
 
@@ -264,10 +267,16 @@ def compare(learner_eval: dict, baselines: dict) -> dict:
 
 
 def evaluate_baselines(cfg: Config, evaluation: Evaluation) -> dict:
-    """Every policy of `baseline_policies` on the learners' evaluation episodes."""
+    """Every policy of `baseline_policies` on the learners' evaluation episodes, the tuned
+    heuristics' phases chosen on the validation episodes the learners' upload offsets are
+    fitted on (`marl.upload_offsets`)."""
+    uo, ev = cfg.marl.upload_offsets, cfg.marl.evaluation
+    validation = Evaluation(cfg.scenario, evaluation.envs[0].predictor, uo.episodes, uo.seed,
+                            **cfg.env.observation_options())
     results = {}
-    for policy in baseline_policies(cfg.scenario, cfg.marl.evaluation.upload_periods,
-                                    seed=cfg.marl.evaluation.seed):
+    for policy in baseline_policies(cfg.scenario, ev.upload_periods, seed=ev.seed,
+                                    score=lambda p: validation.run(p)["team_reward"]["mean"],
+                                    tuned_max=ev.tuned_max):
         try:
             results[policy.name] = evaluation.run(policy)
         except ValueError as err:  # e.g. the oracle's search is too large for this scenario
@@ -296,6 +305,7 @@ def shared_baselines(cfg: Config, evaluation: Evaluation, predictor_description:
     key = hashlib.sha256(json.dumps({
         "scenario": to_plain(cfg.scenario), "env": to_plain(cfg.env),
         "evaluation": to_plain(cfg.marl.evaluation), "predictor": predictor_description,
+        "validation": [cfg.marl.upload_offsets.episodes, cfg.marl.upload_offsets.seed],
         "twin": hashlib.sha256(twin.read_bytes()).hexdigest() if predictor_description.startswith("gru") else None,
         "source": source_digest(),
     }, sort_keys=True).encode()).hexdigest()[:24]
@@ -365,19 +375,24 @@ def fit_marl(cfg: Config, *, algo: str | None = None, seed: int | None = None,
         trainer.fit(learner, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
 
     def finish() -> dict:
-        offsets = None
-        if learner.offsets is not None:  # the upload timing, tuned on validation episodes
-            uo = cfg.marl.upload_offsets
+        offsets = slope = None
+        uo = cfg.marl.upload_offsets
+        slopes = cfg.marl.network.association_slopes if learner.online.association is not None else ()
+        if learner.offsets is not None or slopes:
             validation = Evaluation(cfg.scenario, predictor_model, uo.episodes, uo.seed,
                                     **cfg.env.observation_options())
+        if slopes:  # whom the association gives the overlap users, then the upload timing
+            slope = fit_association_slope(learner, validation, slopes)
+        if learner.offsets is not None:
             offsets = fit_upload_offsets(learner, validation, uo.grid, uo.passes)
         final = data.evaluation.run(learner.greedy_policy())
         if not all(math.isfinite(v["mean"]) for v in final.values()):
             raise RunError(f"{algo} seed {seed}: the final evaluation is not finite "
                            f"({ {k: v['mean'] for k, v in final.items()} }); no model was written")
         rows = recorder.rows
-        if rows and (offsets is not None or not any(k.startswith("eval_") for k in rows[-1])):
-            # the curve ends at the final policy (with its upload offsets)
+        fitted = offsets is not None or slope is not None
+        if rows and (fitted or not any(k.startswith("eval_") for k in rows[-1])):
+            # the curve ends at the final policy (with its association slope and upload offsets)
             rows[-1].update({f"eval_{k}": v["mean"] for k, v in final.items()})
         report = {
             "algo": algo, "seed": seed, "predictor": predictor_description,
@@ -390,6 +405,8 @@ def fit_marl(cfg: Config, *, algo: str | None = None, seed: int | None = None,
         }
         if offsets is not None:
             report["upload_offsets"] = offsets
+        if slope is not None:
+            report["association_slope"] = slope
         if write_outputs:
             report["baselines"] = shared_baselines(cfg, data.evaluation, predictor_description)
             report.update(compare(final, report["baselines"]))
@@ -418,8 +435,9 @@ def fit_marl(cfg: Config, *, algo: str | None = None, seed: int | None = None,
         report = finish()
         logged = mlflow.MlflowClient().get_metric_history(run.info.run_id, "eval_team_reward")
         epochs = cfg.marl.algorithm.epochs
-        # by the validation loop, and of the final policy (not so with upload offsets fitted since)
-        evaluated_last = any(m.step == epochs for m in logged) and "upload_offsets" not in report
+        # by the validation loop, and of the final policy (not so with anything fitted since)
+        evaluated_last = (any(m.step == epochs for m in logged)
+                          and not {"upload_offsets", "association_slope"} & set(report))
         mlflow.log_metrics(headline_metrics(report, with_eval=not evaluated_last), step=epochs)
         if report.get("baselines"):
             mlflow.log_table(baselines_table(report), artifact_file="baselines.json")
@@ -483,6 +501,8 @@ def headline_metrics(report: dict, with_eval: bool = True) -> dict[str, float]:
     if "upload_offsets" in report:  # the validation score before and after fitting them
         out["validation_reward_before_offsets"] = report["upload_offsets"]["validation_before"]
         out["validation_reward_with_offsets"] = report["upload_offsets"]["validation_after"]
+    if "association_slope" in report:
+        out["association_slope"] = report["association_slope"]["slope"]
     return out
 
 
