@@ -53,7 +53,8 @@ CURVE_COLUMNS = ("epoch", "train_reward", *(f"train_{k}" for k in METRICS[1:]), 
 # What a resumed run may change: training longer (`marl.algorithm.epochs`), the stage's
 # list of seeds, where outputs go (`marl.outputs`) and what is fitted after training
 # (`marl.upload_offsets`, `marl.network.association_slopes`).
-RESUMABLE_CHANGES = ("seeds", "outputs", "upload_offsets")  # not used in training
+RESUMABLE_CHANGES = ("seeds", "outputs", "upload_offsets", "algorithm.epochs",
+                     "network.association_slopes")  # `marl` keys not used in training
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*IterableDataset.*has `__len__` defined.*")
@@ -113,9 +114,13 @@ class RunPaths:
 
 def run_fingerprint(cfg: Config, predictor_description: str) -> dict:
     """What a checkpoint must have been trained with to be resumed."""
-    marl = {k: v for k, v in to_plain(cfg.marl).items() if k not in RESUMABLE_CHANGES}
-    marl["algorithm"] = {k: v for k, v in marl["algorithm"].items() if k != "epochs"}
-    marl["network"] = {k: v for k, v in marl["network"].items() if k != "association_slopes"}
+    marl = to_plain(cfg.marl)
+    for key in RESUMABLE_CHANGES:
+        *sections, name = key.split(".")
+        parent = marl
+        for section in sections:
+            parent = parent[section]
+        del parent[name]
     return {"scenario": to_plain(cfg.scenario), "env": to_plain(cfg.env), "marl": marl,
             "predictor": predictor_description}
 
