@@ -146,6 +146,17 @@ def test_stacked_unroll_equals_each_agents_gru_cell_with_the_same_gradients():
     torch.testing.assert_close(step, ref_step)
 
 
+def test_the_gru_recurrences_written_out_backward_passes_gradcheck():
+    from dntsync.marl.networks import GRURecurrence
+
+    torch.manual_seed(2)
+    n_m, n_t, n_b, h = 2, 4, 3, 5
+    inputs = (torch.randn(n_m, n_t, n_b, 3 * h), torch.randn(n_m, n_b, h),
+              torch.randn(n_m, h, 3 * h) * 0.5, torch.randn(n_m, 1, 3 * h))
+    inputs = tuple(x.double().requires_grad_() for x in inputs)
+    assert torch.autograd.gradcheck(GRURecurrence.apply, inputs)
+
+
 # ---------------------------------------------------------------------- losses by hand
 def episode_batch(scenario: Scenario, n_episodes: int, seed: int) -> EpisodeBatch:
     """Real recorded episodes (random valid actions), as the replay would serve them."""

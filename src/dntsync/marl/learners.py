@@ -105,11 +105,11 @@ def clip_grad_norm(parameters: list[torch.nn.Parameter], max_norm: float) -> Ten
             grads.append(p.grad)
     if not grads:
         return torch.zeros(())
-    total = torch.stack([(g.values() if g.is_sparse else g).pow(2).sum() for g in grads]).sum().sqrt()
+    values = [g.values() if g.is_sparse else g for g in grads]
+    total = torch.nn.utils.get_total_norm(values, foreach=True)  # one kernel per dtype, not per tensor
     coef = max_norm / (total + 1e-6)
     if coef < 1:
-        for g in grads:
-            (g.values() if g.is_sparse else g).mul_(coef)
+        torch._foreach_mul_(values, coef)
     return total
 
 
