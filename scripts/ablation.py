@@ -49,7 +49,7 @@ ROWS: list[tuple[str, list[str]]] = [
     ("error-value", ["marl.algorithm.error_gamma=0.8"]),
     ("upload-offsets", ["marl.upload_offsets.phases=2"]),
     ("association-slope", ["marl.network.association_slopes=[0.0,1.0,3.0,10.0,100.0]"]),
-    ("20-batches", ["marl.algorithm.batches_per_epoch=20"]),
+    ("16-batches", ["marl.algorithm.batches_per_epoch=16"]),
 ]
 
 
