@@ -378,7 +378,8 @@ class GRURecurrence(torch.autograd.Function):
     twice as long here) and five products per slot, and takes the gradient of W_hh and b_hh
     once over all slots (one `[M, h, T*B] x [M, T*B, 3h]` matmul and a sum). Autograd's
     backward of the same loop runs two matmuls and about twenty kernels per slot. A default
-    training update takes about 17% less time with it (benchmarks/README.md, "Timing").
+    training update takes about 17% less time with it (benchmarks/README.md, "A written-out
+    GRU backward").
     `tests/test_marl.py` checks it against `nn.GRUCell`'s gradients and with
     `torch.autograd.gradcheck`.
     """
