@@ -47,9 +47,10 @@ ROWS: list[tuple[str, list[str]]] = [
     ("greedy-end", ["marl.collection.epsilon_end=0"]),
     ("association", ["marl.network.association=true"]),
     ("error-value", ["marl.algorithm.error_gamma=0.8"]),
-    ("upload-offsets", ["marl.upload_offsets.phases=2"]),
+    ("upload-offsets", ["marl.upload_offsets.phases=2", "marl.upload_offsets.periods=[]"]),
     ("association-slope", ["marl.network.association_slopes=[0.0,1.0,3.0,10.0,100.0]"]),
     ("16-batches", ["marl.algorithm.batches_per_epoch=16"]),
+    ("longer-cycles", ["marl.upload_offsets.periods=[5,10]"]),
 ]
 
 

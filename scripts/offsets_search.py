@@ -9,8 +9,8 @@ seeds of the evaluation team reward without offsets, with them, and the best heu
     .venv/bin/python scripts/offsets_search.py --episodes 32 --exhaustive
     .venv/bin/python scripts/offsets_search.py --phases 1 --settings fig3
 
-`--exhaustive` tries every grid value at each coordinate, from zero (instead of walking from
-the best phase start while the score does not fall); `--passes N` sets the number of passes over the
+`--exhaustive` tries every grid value at each coordinate of the K phases, from zero (instead of
+walking from the best phase start while the score does not fall); `--passes N` sets the number of passes over the
 coordinates (default: the config's). The training is untouched, so the models of one `make run` serve every search.
 Minutes on 2 cores (`--settings` narrows it).
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -60,6 +61,8 @@ def exhaustive(learner, validation: Evaluation, grid: list[float], offsets: torc
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--phases", type=int, default=None, help="K (default: the config's)")
+    parser.add_argument("--periods", type=int, nargs="*", default=None,
+                        help="longer upload cycles whose schedules start the search (default: the config's)")
     parser.add_argument("--episodes", type=int, default=None, help="validation episodes (default: the config's)")
     parser.add_argument("--passes", type=int, default=None, help="passes (default: the config's)")
     parser.add_argument("--exhaustive", action="store_true")
@@ -69,6 +72,8 @@ def main() -> int:
     base = load_config()
     uo = base.marl.upload_offsets
     phases = uo.phases if args.phases is None else args.phases
+    periods = tuple(uo.periods if args.periods is None else args.periods)
+    cycle = math.lcm(phases, *periods)
     episodes = uo.episodes if args.episodes is None else args.episodes
     passes = uo.passes if args.passes is None else args.passes
     grid = [float(g) for g in uo.grid]
@@ -76,7 +81,8 @@ def main() -> int:
     for label, cfg in settings(base).items():
         if args.settings and label not in args.settings:
             continue
-        cfg = apply_overrides(cfg, [f"marl.upload_offsets.phases={phases}"])
+        cfg = apply_overrides(cfg, [f"marl.upload_offsets.phases={phases}",
+                                    f"marl.upload_offsets.periods=[{','.join(map(str, periods))}]"])
         predictor, _ = build_predictor(cfg)
         options = cfg.env.observation_options()
         validation = Evaluation(cfg.scenario, predictor, episodes, uo.seed, **options)
@@ -85,15 +91,16 @@ def main() -> int:
         for seed in cfg.marl.seeds:
             paths = RunPaths.of(cfg, "vdn", seed)
             learner, _ = load_q_networks(paths.model, cfg)
-            learner.register_buffer("upload_offsets", torch.zeros(cfg.scenario.n_bs, phases))
+            learner.register_buffer("upload_offsets", torch.zeros(cfg.scenario.n_bs, cycle))
             started = time.perf_counter()
             without = evaluation.run(learner.greedy_policy())["team_reward"]["mean"]
             offsets, plays = torch.zeros(cfg.scenario.n_bs, phases), None
             if args.exhaustive:
                 for _ in range(passes):
                     offsets = exhaustive(learner, validation, grid, offsets)
+                offsets = offsets.repeat(1, cycle // phases)
             else:
-                plays = fit_upload_offsets(learner, validation, grid, passes)["validation_plays"]
+                plays = fit_upload_offsets(learner, validation, grid, passes, phases, periods)["validation_plays"]
                 offsets = learner.upload_offsets.clone()
             learner.upload_offsets.copy_(offsets)
             fitted = evaluation.run(learner.greedy_policy())["team_reward"]["mean"]
@@ -102,7 +109,7 @@ def main() -> int:
                          "heuristic": heuristic, "offsets": offsets.tolist(), "plays": plays,
                          "seconds": time.perf_counter() - started})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    print(f"phases {phases}, {episodes} validation episodes, {passes} pass(es), "
+    print(f"phases {phases}, periods {list(periods)}, {episodes} validation episodes, {passes} pass(es), "
           f"{'exhaustive' if args.exhaustive else 'pattern'} search")
     print(f"{'setting':18s} {'without':>9s} {'with':>9s} {'heuristic':>9s} {'ratio':>7s}")
     short = 0.0

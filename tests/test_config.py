@@ -106,6 +106,8 @@ def test_to_dict_round_trips():
         ({"marl": {"upload_offsets": {"grid": [-1.0, 1.0]}}}, "marl.upload_offsets.grid", "[-1.0, 1.0]"),
         ({"marl": {"upload_offsets": {"phases": -1}}}, "marl.upload_offsets.phases", "-1"),
         ({"marl": {"upload_offsets": {"passes": 0}}}, "marl.upload_offsets.passes", "0"),
+        ({"marl": {"upload_offsets": {"periods": [5, 1]}}}, "marl.upload_offsets.periods", "[5, 1]"),
+        ({"marl": {"upload_offsets": {"periods": [2, 5]}}}, "marl.upload_offsets.periods", "[2, 5]"),
         ({"marl": {"evaluation": {"tuned_max": -1}}}, "marl.evaluation.tuned_max", "-1"),
         ({"marl": {"network": {"association_slopes": [1.0, 3.0]}}}, "marl.network.association_slopes", "[1.0, 3.0]"),
         ({"marl": {"network": {"association_slopes": [0.0, 3.0, 1.0]}}}, "marl.network.association_slopes", "[0.0, 3.0, 1.0]"),

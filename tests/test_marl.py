@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from dntsync.config import ALGOS, apply_overrides, from_dict
-from dntsync.env import DntEnv, Drift, RandomValid, action_mask, is_valid
+from dntsync.env import DntEnv, Drift, NearestBS, RandomValid, action_mask, is_valid
 from dntsync.env.actions import decode
 from dntsync.env.evaluate import Evaluation, Rollout, StatelessPolicy, rollout
 from dntsync.marl import IQL, VDN, FactorisedHead, FlatHead, QPolicy
 from dntsync.marl.learners import LEARNERS, QMIX, QMixer
 from dntsync.marl.networks import AgentQNets, BranchingHead, GreedyActions, valid_mask, with_upload_offsets
-from dntsync.marl.offsets import fit_association_slope, fit_upload_offsets, phase_starts, scores
+from dntsync.marl.offsets import fit_association_slope, fit_upload_offsets, phase_starts, schedule, scores
 from dntsync.marl.replay import EpisodeBatch, EpisodeReplay
 from dntsync.marl.training import build_learner, fit_marl
 from dntsync.network import Scenario
@@ -671,6 +671,52 @@ def test_fitted_upload_offsets_are_on_the_grid_and_never_lower_the_validation_sc
     again.load_state_dict(learner.state_dict())
     again.upload_offsets.zero_()
     assert fit_upload_offsets(again, validation, grid, passes=2) == record  # deterministic
+
+
+def test_a_schedule_forces_the_uploads_of_the_every_k_rule_with_the_same_phases():
+    scenario = Scenario(**{**TINY, "episode_length": 12})
+    env = DntEnv(scenario, Drift(scenario), n_envs=2, seed=0)
+    learner = VDN(n_agents=scenario.n_bs, obs_dim=env.obs_dim, n_users=scenario.n_users, hidden=8,
+                  head="branching", user_dim=env.user_dim, upload_phases=5)
+    rule = NearestBS(scenario, 5, staggered=True)
+    learner.upload_offsets.copy_(schedule(tuple(rule.offsets), 5, (-100.0, 100.0)))
+    mine, _ = decode(rollout(env, learner.greedy_policy(), seed=0, record=True).actions, scenario.n_users)
+    theirs, _ = decode(rollout(env, StatelessPolicy(rule), seed=0, record=True).actions, scenario.n_users)
+    assert np.array_equal(mine, theirs) and mine.any() and not mine.all()
+
+
+def test_longer_upload_cycles_start_the_search_and_the_offsets_repeat_over_the_cycle():
+    scenario = Scenario(**{**TINY, "episode_length": 12})
+    env = DntEnv(scenario, Drift(scenario), n_envs=1, seed=0)
+    torch.manual_seed(0)
+    learner = VDN(n_agents=scenario.n_bs, obs_dim=env.obs_dim, n_users=scenario.n_users, hidden=8,
+                  head="branching", user_dim=env.user_dim, upload_phases=10)  # lcm(2, 5)
+    validation = Evaluation(scenario, Drift(scenario), 4, 500)
+    grid = (-50.0, 0.0, 50.0)
+    record = fit_upload_offsets(learner, validation, grid, passes=1, phases=2, periods=(5,))
+    starts = phase_starts(scenario.n_bs, 2, grid, (5,))
+    assert len(starts) == 1 + 2 ** scenario.n_bs + 2 and [s.shape[1] for s in starts[-2:]] == [5, 5]
+    assert torch.equal(starts[-1], schedule((0, 2, 3), 5, grid))  # staggered: round(m p / M)
+    after = scores(learner, validation, learner.upload_offsets)[0]
+    assert after == pytest.approx(record["validation_after"])
+    assert after >= max(scores(learner, validation, start)[0] for start in starts)
+    p, offsets = record["period"], learner.upload_offsets
+    assert p in (2, 5) and torch.equal(offsets, offsets[:, :p].repeat(1, 10 // p))
+    with pytest.raises(ValueError, match="must divide"):
+        fit_upload_offsets(learner, validation, grid, phases=2, periods=(3,))
+
+
+def test_a_run_resumes_under_other_upload_offsets_with_zero_offsets_of_the_new_width():
+    """The offsets are fitted after training: an interrupted run's checkpoint holds zeros of
+    its own width, which a resume under another `marl.upload_offsets` replaces."""
+    kwargs = dict(n_agents=3, obs_dim=10, n_users=3, hidden=8, head="branching")
+    state = VDN(**kwargs, upload_phases=2).state_dict()
+    for phases in (10, 0):
+        learner = VDN(**kwargs, upload_phases=phases)
+        checkpoint = {"state_dict": dict(state)}
+        learner.on_load_checkpoint(checkpoint)
+        learner.load_state_dict(checkpoint["state_dict"])  # strict
+        assert learner.offsets is None if phases == 0 else torch.equal(learner.offsets, torch.zeros(3, 10))
 
 
 def test_upload_offsets_need_a_per_bit_head():

@@ -333,18 +333,32 @@ class EvaluationConfig:
 @dataclass(frozen=True)
 class UploadOffsetsConfig:
     """`marl.upload_offsets`: after training, each BS's upload term is shifted by an offset
-    b[m, t mod phases] (t the slot; every BS knows it), fitted by a pattern search over
-    `grid` on validation episodes (`dntsync.marl.offsets`): the greedy policy's upload
-    timing tuned on the reward itself. docs/learners.md, "Upload offsets"."""
+    b[m, t mod p] (t the slot; every BS knows it), fitted by a pattern search over `grid` on
+    validation episodes (`dntsync.marl.offsets`): the greedy policy's upload timing tuned on
+    the reward itself. The period p is `phases`, or one of `periods` where a schedule of that
+    period is the best start. docs/learners.md, "Upload offsets" and "Longer upload cycles"."""
 
     phases: int = 2  # K; 0: no offsets (the paper profile)
+    # longer upload cycles: the every-p schedules, synchronised and staggered, are starts of
+    # the search too, which goes on in the best start's period (docs/learners.md, "Longer
+    # upload cycles"); the offsets span lcm(phases, *periods) slots
+    periods: tuple[int, ...] = (5, 10)
     grid: tuple[float, ...] = (-3.0, -1.0, -0.5, 0.0, 0.5, 1.0, 3.0)
     passes: int = 2  # the pattern search's passes over the coordinates (at most)
     episodes: int = 64
     seed: int = 20_000  # validation episodes use seed + i, never an evaluation or training seed
 
+    @property
+    def cycle(self) -> int:
+        """The slots the fitted offsets span: lcm(phases, *periods); 0 without offsets."""
+        return math.lcm(self.phases, *self.periods) if self.phases > 0 else 0
+
     def validate(self, key: str) -> None:
         _need(self.phases >= 0, f"{key}.phases", self.phases, "need >= 0 (0: no offsets)")
+        _need(all(isinstance(p, int) and not isinstance(p, bool) and p >= 2 for p in self.periods)
+              and len(set(self.periods)) == len(self.periods) and self.phases not in self.periods,
+              f"{key}.periods", list(self.periods),
+              f"need distinct whole numbers of slots >= 2, other than phases ({self.phases})")
         _need(len(self.grid) >= 2 and 0.0 in self.grid and all(math.isfinite(g) for g in self.grid)
               and all(a < b for a, b in zip(self.grid, self.grid[1:])), f"{key}.grid",
               list(self.grid), "need finite offsets in increasing order, 0 among them")

@@ -246,6 +246,16 @@ class QLearner(pl.LightningModule):
         """The upload offsets `[M, K]` (zero until fitted), or None without them."""
         return getattr(self, "upload_offsets", None)
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Resuming under another `marl.upload_offsets` (a change a resumed run may make): the
+        offsets are fitted after training, so the interrupted run's are zeros (of its own
+        width, or none); this run's zeros stand in for them."""
+        state = checkpoint["state_dict"]
+        if self.offsets is None:
+            state.pop("upload_offsets", None)
+        elif getattr(state.get("upload_offsets"), "shape", None) != self.offsets.shape:
+            state["upload_offsets"] = torch.zeros_like(self.offsets)
+
     # ------------------------------------------------------------------ the update
     def mixed(self, chosen_q: Tensor, next_q: Tensor, batch: EpisodeBatch) -> tuple[Tensor, Tensor]:
         """`(Q, next value)` compared in the TD error: per agent `[B, T, M]` without a mixer,

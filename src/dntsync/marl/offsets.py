@@ -10,7 +10,10 @@ trains on: the mean team reward for VDN and QMIX; for IQL, BS m's own local rewa
 m's offsets (each BS tunes for itself, as it learns). With a team score the search starts
 from the best of zero and the K^M assignments of each BS to one upload phase
 (`phase_starts`): which BSs share an upload slot is a joint choice that one coordinate at a
-time does not reach from zero.
+time does not reach from zero. Longer upload cycles (`marl.upload_offsets.periods`, e.g.
+every 5 or 10 slots where uploads are rarely worth their RBs) start it too, as the
+heuristics' synchronised and staggered schedules; the walk goes on in the period of the
+best start, and the learner keeps its offsets repeated over lcm(K, *periods) slots.
 
 A walk stops early where going on cannot change a single action: raising b[m, k] once BS m
 uploads in every phase-k slot of the validation episodes, or lowering it once BS m uploads
@@ -107,42 +110,61 @@ def fit_association_slope(learner, validation: Evaluation, slopes: tuple[float, 
     return {"slope": best, "validation": [[c, v] for c, v in played.items()]}
 
 
-def phase_starts(n_bs: int, n_phases: int, grid: tuple[float, ...]) -> list[torch.Tensor]:
+def schedule(phases: tuple[int, ...], period: int, grid: tuple[float, ...]) -> torch.Tensor:
+    """The offsets `[M, period]` that force BS m to upload in the slots t = phases[m] mod
+    period: b[m, k] the grid's top in BS m's phase, its bottom elsewhere (at the Q networks'
+    scales a fixed schedule, as the every-k heuristics')."""
+    start = torch.full((len(phases), period), min(grid))
+    start[range(len(phases)), list(phases)] = max(grid)
+    return start
+
+
+def phase_starts(n_bs: int, n_phases: int, grid: tuple[float, ...],
+                 periods: tuple[int, ...] = ()) -> list[torch.Tensor]:
     """Zero, then every assignment of the BSs to one upload phase each (K^M of them, in
-    lexicographic order): b[m, k] the grid's top in BS m's phase, its bottom elsewhere."""
+    lexicographic order), then for each longer period p of `periods` its synchronised and
+    staggered schedules (phases 0 and round(m p / M), those of `NearestBS`: p^M would be
+    too many plays)."""
     starts = [torch.zeros(n_bs, n_phases)]
-    for phases in itertools.product(range(n_phases), repeat=n_bs):
-        start = torch.full((n_bs, n_phases), min(grid))
-        start[range(n_bs), list(phases)] = max(grid)
-        starts.append(start)
+    starts += [schedule(phases, n_phases, grid) for phases in itertools.product(range(n_phases), repeat=n_bs)]
+    for p in periods:
+        staggered = tuple(int(k) for k in np.round(np.arange(n_bs) * p / n_bs))
+        starts += [schedule((0,) * n_bs, p, grid), schedule(staggered, p, grid)]
     return starts
 
 
-def fit_upload_offsets(learner, validation: Evaluation, grid: tuple[float, ...], passes: int = 1) -> dict:
+def fit_upload_offsets(learner, validation: Evaluation, grid: tuple[float, ...], passes: int = 1,
+                       phases: int | None = None, periods: tuple[int, ...] = ()) -> dict:
     """Fit `learner.upload_offsets` `[M, K]` in place: from the best of `phase_starts` for a
-    team score (VDN, QMIX), from zero for BSs that score themselves (IQL: no BS picks the
-    others' phases), at most `passes` passes over the coordinates, stopping after one that
-    moves none; return the record: the offsets, the validation score with zero offsets and
-    after (the team's, or the BSs' mean local reward) and the number of validation plays
-    (each set of offsets is played once)."""
+    team score (VDN, QMIX; `phases` defaults to K, `periods` must divide K), from zero for
+    BSs that score themselves (IQL: no BS picks the others' phases), at most `passes` passes
+    over the coordinates of the best start's period p, stopping after one that moves none;
+    the learner keeps the `[M, p]` offsets repeated over its K columns. Return the record:
+    those K columns, p, the validation score with zero offsets and after (the team's, or the
+    BSs' mean local reward) and the number of validation plays (each set of offsets is
+    played once)."""
     grid = [float(g) for g in grid]
     played: dict[tuple, Play] = {}
 
     def play_of(trial: torch.Tensor) -> Play:
-        key = tuple(trial.flatten().tolist())
+        key = (trial.shape[1], *trial.flatten().tolist())
         if key not in played:
             played[key] = play(learner, validation, trial)
         return played[key]
 
-    n_bs, n_phases = learner.upload_offsets.shape
-    starts = phase_starts(n_bs, n_phases, grid) if learner.mixer is not None else [torch.zeros(n_bs, n_phases)]
+    n_bs, cycle = learner.upload_offsets.shape
+    phases = cycle if phases is None else phases
+    if any(cycle % p for p in (phases, *periods)):
+        raise ValueError(f"the offsets span {cycle} slots: phases {phases} and periods {periods} must divide it")
+    starts = (phase_starts(n_bs, phases, grid, periods) if learner.mixer is not None
+              else [torch.zeros(n_bs, phases)])
     before = float(play_of(starts[0]).scores.mean())
     offsets = max(starts, key=lambda start: float(play_of(start).scores.mean())).clone()
     current = play_of(offsets)
     for _ in range(passes):
         moved = False
         for m in range(n_bs):
-            for k in range(n_phases):
+            for k in range(offsets.shape[1]):
                 start_at = grid.index(float(offsets[m, k]))
                 best, best_play = start_at, current
                 for step in (1, -1):  # walk up, then down, while the score does not fall
@@ -161,7 +183,7 @@ def fit_upload_offsets(learner, validation: Evaluation, grid: tuple[float, ...],
                 current = best_play
         if not moved:
             break
-    learner.upload_offsets.copy_(offsets)
-    return {"offsets": offsets.tolist(), "validation_before": before,
+    learner.upload_offsets.copy_(offsets.repeat(1, cycle // offsets.shape[1]))
+    return {"offsets": learner.upload_offsets.tolist(), "period": offsets.shape[1], "validation_before": before,
             "validation_after": float(current.scores.mean()), "validation_plays": len(played),
             "validation_episodes": validation.n_episodes, "validation_seeds": validation.seeds}

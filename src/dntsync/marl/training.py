@@ -77,7 +77,7 @@ def build_learner(cfg: Config, algo: str, env: DntEnv) -> QLearner:
         association=env.layout() if mc.network.association else None,
         # QMIX keeps one Q per BS: its mixer is not a sum (docs/learners.md, "The error value")
         error_gamma=mc.algorithm.error_gamma if LEARNERS[algo].additive else 0.0,
-        upload_phases=mc.upload_offsets.phases,
+        upload_phases=mc.upload_offsets.cycle,
     )
 
 
@@ -389,7 +389,7 @@ def fit_marl(cfg: Config, *, algo: str | None = None, seed: int | None = None,
         if slopes:  # whom the association gives the overlap users, then the upload timing
             slope = fit_association_slope(learner, validation, slopes)
         if learner.offsets is not None:
-            offsets = fit_upload_offsets(learner, validation, uo.grid, uo.passes)
+            offsets = fit_upload_offsets(learner, validation, uo.grid, uo.passes, uo.phases, uo.periods)
         final = data.evaluation.run(learner.greedy_policy())
         if not all(math.isfinite(v["mean"]) for v in final.values()):
             raise RunError(f"{algo} seed {seed}: the final evaluation is not finite "
