@@ -59,6 +59,11 @@ def nearest_association(scenario: Scenario, user_xy: np.ndarray, covered: np.nda
     return covered & (np.arange(scenario.n_bs)[:, None] == nearest[..., None, :])
 
 
+def staggered_phases(n_bs: int, k: int) -> tuple[int, ...]:
+    """The slot phase of each BS's uploads when every-k uploads are staggered: round(m k / M)."""
+    return tuple(int(p) for p in np.round(np.arange(n_bs) * k / n_bs))
+
+
 class NearestBS:
     """Nearest-BS association with a fixed upload rule."""
 
@@ -79,7 +84,7 @@ class NearestBS:
         # the slot of each BS's first upload: 0 for all, spread over the period, or given
         self.offsets = np.zeros(scenario.n_bs, dtype=int)
         if staggered:
-            self.offsets = np.round(np.arange(scenario.n_bs) * upload / scenario.n_bs).astype(int)
+            self.offsets = np.array(staggered_phases(scenario.n_bs, upload), dtype=int)
             self.name += "-staggered"
         if phases is not None:
             self.offsets = np.array(phases, dtype=int)

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from dntsync.env.evaluate import Evaluation, rollout
+from dntsync.env.policies import staggered_phases
 
 
 @dataclass
@@ -128,8 +129,7 @@ def phase_starts(n_bs: int, n_phases: int, grid: tuple[float, ...],
     starts = [torch.zeros(n_bs, n_phases)]
     starts += [schedule(phases, n_phases, grid) for phases in itertools.product(range(n_phases), repeat=n_bs)]
     for p in periods:
-        staggered = tuple(int(k) for k in np.round(np.arange(n_bs) * p / n_bs))
-        starts += [schedule((0,) * n_bs, p, grid), schedule(staggered, p, grid)]
+        starts += [schedule((0,) * n_bs, p, grid), schedule(staggered_phases(n_bs, p), p, grid)]
     return starts
 
 
