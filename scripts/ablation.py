@@ -36,7 +36,8 @@ ROWS: list[tuple[str, list[str]]] = [
                "marl.collection.exploration=action", "marl.collection.epsilon_start=0.5",
                "marl.collection.epsilon_end=0.05", "marl.algorithm.target_update_epochs=2",
                "marl.algorithm.error_gamma=0", "marl.upload_offsets.phases=0",
-               "marl.network.association_slopes=[]", "marl.algorithm.batches_per_epoch=24"]),
+               "marl.network.association_slopes=[]", "marl.algorithm.batches_per_epoch=24",
+               "marl.network.serve_covered_fit=false"]),
     ("upload-state", ["env.observation=full"]),
     ("branching-head", ["marl.network.head=branching"]),
     ("bs-frame", ["env.obs_frame=bs"]),
@@ -51,6 +52,7 @@ ROWS: list[tuple[str, list[str]]] = [
     ("association-slope", ["marl.network.association_slopes=[0.0,1.0,3.0,10.0,100.0]"]),
     ("16-batches", ["marl.algorithm.batches_per_epoch=16"]),
     ("longer-cycles", ["marl.upload_offsets.periods=[5,10]"]),
+    ("serve-covered", ["marl.network.serve_covered_fit=true"]),
 ]
 
 

@@ -18,7 +18,8 @@ from dntsync.env.evaluate import Evaluation, Rollout, StatelessPolicy, rollout
 from dntsync.marl import IQL, VDN, FactorisedHead, FlatHead, QPolicy
 from dntsync.marl.learners import LEARNERS, QMIX, QMixer
 from dntsync.marl.networks import AgentQNets, BranchingHead, GreedyActions, valid_mask, with_upload_offsets
-from dntsync.marl.offsets import fit_association_slope, fit_upload_offsets, phase_starts, schedule, scores
+from dntsync.marl.offsets import (fit_association_slope, fit_serve_covered, fit_upload_offsets, phase_starts,
+                                  schedule, scores)
 from dntsync.marl.replay import EpisodeBatch, EpisodeReplay
 from dntsync.marl.training import build_learner, fit_marl
 from dntsync.network import Scenario
@@ -459,7 +460,7 @@ def test_the_fitted_association_slope_is_the_best_on_validation():
     played = dict((c, v) for c, v in record["validation"])
     assert list(played) == list(slopes)
     best = max(played.values())
-    assert record["slope"] == min(c for c, v in played.items() if v == best)
+    assert record["slope"] == max(c for c, v in played.items() if v == best)  # the nearest BS's side
     assert float(learner.online.association.slope) == record["slope"]
     assert float(learner.target.association.slope) == 0.0  # the greedy policy's alone
     assert scores(learner, validation, learner.upload_offsets)[0] == pytest.approx(best)
@@ -565,7 +566,7 @@ def test_two_epoch_run_logs_to_mlflow_and_writes_outputs(tmp_path, monkeypatch, 
 
     monkeypatch.chdir(tmp_path)  # MLflow's local artifact store
     cfg = tiny_config(tmp_path, "marl.upload_offsets.phases=0",  # the final policy is the validated one
-                      "marl.network.association_slopes=[]")
+                      "marl.network.association_slopes=[]", "marl.network.serve_covered_fit=false")
     seen = []
 
     class Watch(pl.Callback):  # what an Optuna pruner would see
@@ -662,7 +663,7 @@ def test_fitted_upload_offsets_are_on_the_grid_and_never_lower_the_validation_sc
     if algo == "vdn":  # one team score, never below zero offsets' nor any phase start's
         assert np.all(after == after[0]) and after[0] >= before[0]
         starts = phase_starts(scenario.n_bs, 3, grid)
-        assert len(starts) == 1 + 3 ** scenario.n_bs
+        assert len(starts) == 3 ** scenario.n_bs + 1  # the phases, zero
         assert after[0] >= max(scores(learner, validation, start)[0] for start in starts)
     else:  # each BS's own local reward, each offset fitted for its BS (another's may lower it)
         assert not np.all(after == after[0])
@@ -693,15 +694,18 @@ def test_longer_upload_cycles_start_the_search_and_the_offsets_repeat_over_the_c
                   head="branching", user_dim=env.user_dim, upload_phases=10)  # lcm(2, 5)
     validation = Evaluation(scenario, Drift(scenario), 4, 500)
     grid = (-50.0, 0.0, 50.0)
-    record = fit_upload_offsets(learner, validation, grid, passes=1, phases=2, periods=(5,))
-    starts = phase_starts(scenario.n_bs, 2, grid, (5,))
-    assert len(starts) == 1 + 2 ** scenario.n_bs + 2 and [s.shape[1] for s in starts[-2:]] == [5, 5]
-    assert torch.equal(starts[-1], schedule((0, 2, 3), 5, grid))  # staggered: round(m p / M)
+    record = fit_upload_offsets(learner, validation, grid, passes=1, phases=2, periods=(5,), force=100.0)
+    starts = phase_starts(scenario.n_bs, 2, grid, (5,), force=100.0)
+    assert len(starts) == 2 + 2 ** scenario.n_bs + 2 + 1
+    assert [s.shape[1] for s in starts] == [1, 1] + [2] * 2 ** scenario.n_bs + [5, 5, 2]
+    assert torch.equal(starts[0], torch.full((3, 1), 100.0)) and torch.equal(starts[1], torch.full((3, 1), -100.0))
+    assert torch.equal(starts[-2], schedule((0, 2, 3), 5, grid))  # staggered: round(m p / M)
+    assert torch.equal(starts[-1], torch.zeros(3, 2))  # the learnt timing last: the rule's first among equals
     after = scores(learner, validation, learner.upload_offsets)[0]
     assert after == pytest.approx(record["validation_after"])
     assert after >= max(scores(learner, validation, start)[0] for start in starts)
     p, offsets = record["period"], learner.upload_offsets
-    assert p in (2, 5) and torch.equal(offsets, offsets[:, :p].repeat(1, 10 // p))
+    assert p in (1, 2, 5) and torch.equal(offsets, offsets[:, :p].repeat(1, 10 // p))
     with pytest.raises(ValueError, match="must divide"):
         fit_upload_offsets(learner, validation, grid, phases=2, periods=(3,))
 
@@ -725,11 +729,11 @@ def test_upload_offsets_need_a_per_bit_head():
 
 
 @pytest.mark.parametrize("upload_bias", [-100.0, 100.0])
-def test_the_offsets_search_plays_no_step_that_cannot_change_an_action(upload_bias):
-    """A BS that uploads in no slot of a phase is not walked down there (nor one that uploads
-    in every slot up): after the phase starts (none better than zero, as no action changes),
-    one play per offset, the step towards the other side of the grid, which changes nothing,
-    so the search stops after its first pass."""
+def test_the_offsets_search_keeps_the_rules_schedule_among_equals_and_skips_steps_that_change_nothing(upload_bias):
+    """With an upload term that no offset outweighs, every start plays the same: the search
+    keeps the first, every BS uploading always (+force, period 1). From
+    there a BS that never uploads is not walked down (no step can change an action), one that
+    always uploads is, one play a grid point, and nothing moves."""
     scenario = Scenario(**TINY)
     env = DntEnv(scenario, Drift(scenario), n_envs=1, seed=0)
     torch.manual_seed(0)
@@ -739,10 +743,66 @@ def test_the_offsets_search_plays_no_step_that_cannot_change_an_action(upload_bi
         for terms in learner.online.error_terms:
             terms.bias[1] = upload_bias  # e_upload: never / always upload, whatever the offset
     validation = Evaluation(scenario, Drift(scenario), 4, 500)
-    record = fit_upload_offsets(learner, validation, (-1.0, 0.0, 1.0), passes=3)
-    assert record["validation_plays"] == 1 + 2 ** scenario.n_bs + scenario.n_bs * 2
-    assert record["offsets"] == [[0.0, 0.0]] * scenario.n_bs
+    record = fit_upload_offsets(learner, validation, (-1.0, 0.0, 1.0), passes=3, force=10.0)
+    n_starts = 2 + 2 ** scenario.n_bs + 1
+    walked = 0 if upload_bias < 0 else scenario.n_bs * 4  # 1, 0, -1, -10
+    assert record["validation_plays"] == n_starts + walked
+    assert record["period"] == 1 and record["offsets"] == [[10.0, 10.0]] * scenario.n_bs
     assert record["validation_after"] == record["validation_before"]
+
+
+def test_serving_every_covered_user_with_the_nearest_association_and_forced_uploads_is_the_rule():
+    """The nearest-BS rule is one of the learner's greedy policies: whatever the weights,
+    `serve_covered`, a large association slope and offsets at the grid's top (bottom) play
+    `NearestBS("always")` (`"never"`) action for action."""
+    scenario = Scenario(n_users=12, episode_length=6)
+    env = DntEnv(scenario, Drift(scenario), n_envs=8, seed=0, obs_frame="bs", user_features=("others",))
+    torch.manual_seed(0)
+    learner = VDN(n_agents=scenario.n_bs, obs_dim=env.obs_dim, n_users=scenario.n_users, hidden=8,
+                  head="branching", user_dim=env.user_dim, association=env.layout(), error_gamma=0.8,
+                  upload_phases=2)
+    learner.online.association.slope.fill_(1000.0)
+    for upload, offset in (("always", 100.0), ("never", -100.0)):
+        learner.upload_offsets.fill_(offset)
+        rule = rollout(env, StatelessPolicy(NearestBS(scenario, upload)), seed=3, record=True).actions
+        learner.online.serve_covered.fill_(0.0)
+        assert not np.array_equal(rollout(env, learner.greedy_policy(), seed=3, record=True).actions, rule)
+        learner.online.serve_covered.fill_(1.0)
+        mine = rollout(env, learner.greedy_policy(), seed=3, record=True)
+        assert np.array_equal(mine.actions, rule)
+        assert np.array_equal(GreedyActions(learner.online, learner.offsets)(torch.from_numpy(mine.obs)).numpy(),
+                              mine.actions)  # the MLflow model too
+
+
+def test_the_serve_fit_keeps_serving_every_covered_user_unless_the_learnt_terms_score_higher():
+    scenario = Scenario(n_users=8, n_rbs=6, episode_length=5)
+    env = DntEnv(scenario, Drift(scenario), n_envs=1, seed=0)
+    validation = Evaluation(scenario, Drift(scenario), 8, 500)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        learner = VDN(n_agents=scenario.n_bs, obs_dim=env.obs_dim, n_users=scenario.n_users, hidden=8,
+                      head="branching", user_dim=env.user_dim, association=env.layout(), upload_phases=2)
+        learner.online.serve_covered.fill_(0.0)
+        learnt = scores(learner, validation, learner.upload_offsets)[0]
+        learner.online.serve_covered.fill_(1.0)
+        covered = scores(learner, validation, learner.upload_offsets)[0]
+        record = fit_serve_covered(learner, validation)
+        assert record == {"serve_covered": bool(covered >= learnt), "validation_learnt": pytest.approx(learnt),
+                          "validation_covered": pytest.approx(covered)}
+        assert float(learner.online.serve_covered) == float(record["serve_covered"])
+        assert float(learner.target.serve_covered) == 0.0  # the greedy policy's alone
+
+
+def test_a_model_file_from_before_serve_covered_loads_with_the_learnt_serve_terms():
+    kwargs = dict(n_agents=3, obs_dim=10, n_users=3, hidden=8, head="branching", upload_phases=2)
+    state = VDN(**kwargs).state_dict()
+    old = {k: v for k, v in state.items() if not k.endswith("serve_covered")}
+    learner = VDN(**kwargs)
+    learner.online.serve_covered.fill_(1.0)
+    checkpoint = {"state_dict": old}
+    learner.on_load_checkpoint(checkpoint)
+    learner.load_state_dict(checkpoint["state_dict"])  # strict
+    assert float(learner.online.serve_covered) == 0.0
 
 
 def test_a_run_fits_its_upload_offsets_and_the_model_keeps_them(tmp_path, monkeypatch):
@@ -762,6 +822,7 @@ def test_a_run_fits_its_upload_offsets_and_the_model_keeps_them(tmp_path, monkey
     slope = report["association_slope"]
     assert [c for c, _ in slope["validation"]] == list(cfg.marl.network.association_slopes)
     assert float(loaded.online.association.slope) == slope["slope"]
+    assert float(loaded.online.serve_covered) == float(report["serve_covered"]["serve_covered"])
     evaluation = Evaluation(cfg.scenario, Drift(cfg.scenario), cfg.marl.evaluation.episodes,
                             cfg.marl.evaluation.seed, **cfg.env.observation_options())
     assert evaluation.run(loaded.greedy_policy())["team_reward"]["mean"] == \
@@ -771,6 +832,7 @@ def test_a_run_fits_its_upload_offsets_and_the_model_keeps_them(tmp_path, monkey
     assert run.data.metrics["eval_team_reward"] == pytest.approx(report["eval_team_reward"])
     assert run.data.metrics["validation_reward_with_offsets"] == pytest.approx(fitted["validation_after"])
     assert run.data.metrics["association_slope"] == slope["slope"]
+    assert run.data.metrics["serve_covered"] == float(report["serve_covered"]["serve_covered"])
 
 
 def test_same_seed_same_result(tmp_path):

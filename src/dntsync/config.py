@@ -259,7 +259,10 @@ class NetworkConfig:
     `association_slopes`: after training, the score h(d) becomes h(d) - c d with c the best
     of these on the validation episodes of `marl.upload_offsets` (`dntsync.marl.offsets.
     fit_association_slope`); a large c is the nearest-BS rule. Empty: no fit; without the
-    association there is nothing to fit.
+    association there is nothing to fit. `serve_covered_fit` (per-bit heads): after
+    training, first, every BS serves each user it covers (the nearest-BS rule's choice)
+    unless the learnt serve terms score higher on those episodes (`dntsync.marl.offsets.
+    fit_serve_covered`).
     """
 
     head: Head = "branching"
@@ -267,6 +270,7 @@ class NetworkConfig:
     sparse_head: bool = True
     association: bool = True
     association_slopes: tuple[float, ...] = (0.0, 1.0, 3.0, 10.0, 100.0)
+    serve_covered_fit: bool = True
 
     def validate(self, key: str) -> None:
         _need(self.hidden >= 1, f"{key}.hidden", self.hidden, "need >= 1")
@@ -344,6 +348,9 @@ class UploadOffsetsConfig:
     # upload cycles"); the offsets span lcm(phases, *periods) slots
     periods: tuple[int, ...] = (5, 10)
     grid: tuple[float, ...] = (-3.0, -1.0, -0.5, 0.0, 0.5, 1.0, 3.0)
+    # -force / +force: a BS's upload off / on whatever its Q terms: the starts "never" and
+    # "always" (the nearest-BS rules' schedules), and the walk's ends beyond the grid's
+    force: float = 1000.0
     passes: int = 2  # the pattern search's passes over the coordinates (at most)
     episodes: int = 64
     seed: int = 20_000  # validation episodes use seed + i, never an evaluation or training seed
@@ -362,6 +369,8 @@ class UploadOffsetsConfig:
         _need(len(self.grid) >= 2 and 0.0 in self.grid and all(math.isfinite(g) for g in self.grid)
               and all(a < b for a, b in zip(self.grid, self.grid[1:])), f"{key}.grid",
               list(self.grid), "need finite offsets in increasing order, 0 among them")
+        _need(math.isfinite(self.force) and self.force > max(abs(g) for g in self.grid), f"{key}.force",
+              self.force, "need a finite offset beyond every grid value")
         _need(self.passes >= 1, f"{key}.passes", self.passes, "need >= 1")
         _need(self.episodes >= 1, f"{key}.episodes", self.episodes, "need >= 1")
         _need(self.seed >= 0, f"{key}.seed", self.seed, "need >= 0")
@@ -413,7 +422,11 @@ class MarlConfig:
         uo, ev = self.upload_offsets, self.evaluation
         _need(not (uo.phases > 0 and self.network.head == "flat"), f"{key}.upload_offsets.phases",
               uo.phases, f"upload offsets need a per-bit head; set {key}.upload_offsets.phases=0 with head flat")
-        _need(uo.phases == 0 or uo.seed >= ev.seed + ev.episodes or ev.seed >= uo.seed + uo.episodes,
+        net = self.network
+        _need(not (net.serve_covered_fit and net.head == "flat"), f"{key}.network.serve_covered_fit",
+              net.serve_covered_fit, f"needs a per-bit head; set {key}.network.serve_covered_fit=false with head flat")
+        fitted = uo.phases > 0 or net.serve_covered_fit or bool(net.association_slopes)
+        _need(not fitted or uo.seed >= ev.seed + ev.episodes or ev.seed >= uo.seed + uo.episodes,
               f"{key}.upload_offsets.seed", uo.seed,
               f"the validation seeds [seed, seed + episodes) must not meet the evaluation's "
               f"[{ev.seed}, {ev.seed + ev.episodes}): choose another")

@@ -251,6 +251,8 @@ class QLearner(pl.LightningModule):
         offsets are fitted after training, so the interrupted run's are zeros (of its own
         width, or none); this run's zeros stand in for them."""
         state = checkpoint["state_dict"]
+        for nets in ("online", "target"):  # a model file from before `serve_covered`: the learnt terms
+            state.setdefault(f"{nets}.serve_covered", torch.zeros(()))
         if self.offsets is None:
             state.pop("upload_offsets", None)
         elif getattr(state.get("upload_offsets"), "shape", None) != self.offsets.shape:

@@ -487,6 +487,11 @@ class AgentQNets(nn.Module):
         # each BS's value of the DNT-error term, (e_0, e_upload) from its state, or None
         self.error_terms = (nn.ModuleList(nn.Linear(hidden, 2) for _ in range(n_agents))
                             if error_value else None)
+        # 1: every BS serves each user it covers (its serve term forced up; the association
+        # still gives a shared user to one BS), as the nearest-BS rule does; 0: the learnt
+        # serve terms. Set after training (`dntsync.marl.offsets.fit_serve_covered`), kept
+        # in the model file.
+        self.register_buffer("serve_covered", torch.zeros(()))
 
     def sparse_parameters(self) -> list[nn.Parameter]:
         """The parameters whose gradients are sparse (the flat heads with `sparse_grad`)."""
@@ -538,6 +543,10 @@ class AgentQNets(nn.Module):
         terms = torch.stack([net.head.outputs(hidden[..., m, :].reshape(-1, h),
                                               users[..., m, :, :].reshape(-1, self.n_users, self.user_dim))
                              for m, net in enumerate(self.agents)], dim=1).view(*lead, len(self.agents), -1)
+        if bool(self.serve_covered):
+            serve = terms[..., 2:]
+            forced = torch.where(users[..., COVERED_FEATURE] > 0.5, torch.ones_like(serve), serve)
+            terms = torch.cat([terms[..., :2], forced], dim=-1)
         terms = terms if self.association is None else self.association(terms, users)
         if self.error_terms is None:
             return terms

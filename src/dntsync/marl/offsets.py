@@ -21,9 +21,18 @@ in none. Only BS m's phase-k upload bits read b[m, k], so every later step would
 same episodes action for action; the fit is the one the full walk finds, in fewer plays.
 Offsets met again (a later pass's trial that an earlier one played) are not played again.
 
-Before the offsets, the association's slope (`fit_association_slope`): the learnt score of
-distance that picks which covering BS serves an overlap user, leant towards the nearest BS
-as far as the validation episodes ask (`marl.network.association_slopes`).
+Before the offsets, whom the BSs serve: each covered user, or the learnt serve terms
+(`fit_serve_covered`, `marl.network.serve_covered_fit`), then the association's slope
+(`fit_association_slope`): the learnt score of distance that picks which covering BS serves
+an overlap user, leant towards the nearest BS as far as the validation episodes ask
+(`marl.network.association_slopes`).
+
+Among choices that score the same on the validation episodes every fit keeps the nearest-BS
+rule's: serving every covered user, the largest slope, and of the starts the rules'
+schedules (every BS uploading always or never, forced by `force`, every K slots or every p)
+before the learnt timing (zero offsets). A learnt choice that the validation episodes
+cannot tell from the rule's is then not played on the evaluation episodes, where it
+differs from the rule's in states the validation episodes did not reach.
 
 Why: the Q-learners leave the upload bit where its value is small against the reward's
 noise; on their validation episodes the greedy policy's upload choices can be scored
@@ -95,18 +104,37 @@ def scores(learner, validation: Evaluation, offsets: torch.Tensor) -> np.ndarray
     return play(learner, validation, offsets).scores
 
 
+def _current_offsets(learner) -> torch.Tensor:
+    return learner.offsets if learner.offsets is not None else torch.zeros(len(learner.online.agents), 1)
+
+
+def fit_serve_covered(learner, validation: Evaluation) -> dict:
+    """Set the greedy policy's `serve_covered` (`dntsync.marl.networks.AgentQNets`): 1, every
+    BS serving each user it covers as the nearest-BS rule does, unless the learnt serve terms
+    score higher on `validation` with the current offsets and slope (the learner's score, its
+    mean over the BSs); return the record: the choice and both scores."""
+    nets, offsets = learner.online, _current_offsets(learner)
+    played = {}
+    for flag in (0.0, 1.0):
+        nets.serve_covered.fill_(flag)
+        played[flag] = float(play(learner, validation, offsets).scores.mean())
+    chosen = 1.0 if played[1.0] >= played[0.0] else 0.0
+    nets.serve_covered.fill_(chosen)
+    return {"serve_covered": bool(chosen), "validation_learnt": played[0.0], "validation_covered": played[1.0]}
+
+
 def fit_association_slope(learner, validation: Evaluation, slopes: tuple[float, ...]) -> dict:
     """Set the greedy policy's association slope c (`dntsync.marl.networks.Association`) to
     the one of `slopes` (increasing, from 0) whose play of `validation` with the current
-    upload offsets scores highest (the learner's score, its mean over the BSs; the smallest c
-    among equals); return the record: the slope and each slope's score."""
-    association = learner.online.association
-    offsets = learner.offsets if learner.offsets is not None else torch.zeros(len(learner.online.agents), 1)
+    upload offsets scores highest (the learner's score, its mean over the BSs; the largest c,
+    the nearest BS's side, among equals); return the record: the slope and each slope's
+    score."""
+    association, offsets = learner.online.association, _current_offsets(learner)
     played = {}
     for c in slopes:
         association.slope.fill_(float(c))
         played[float(c)] = float(play(learner, validation, offsets).scores.mean())
-    best = max(played, key=lambda c: (played[c], -c))
+    best = max(played, key=lambda c: (played[c], c))
     association.slope.fill_(best)
     return {"slope": best, "validation": [[c, v] for c, v in played.items()]}
 
@@ -121,24 +149,29 @@ def schedule(phases: tuple[int, ...], period: int, grid: tuple[float, ...]) -> t
 
 
 def phase_starts(n_bs: int, n_phases: int, grid: tuple[float, ...],
-                 periods: tuple[int, ...] = ()) -> list[torch.Tensor]:
-    """Zero, then every assignment of the BSs to one upload phase each (K^M of them, in
-    lexicographic order), then for each longer period p of `periods` its synchronised and
-    staggered schedules (phases 0 and round(m p / M), those of `NearestBS`: p^M would be
-    too many plays)."""
-    starts = [torch.zeros(n_bs, n_phases)]
+                 periods: tuple[int, ...] = (), force: float | None = None) -> list[torch.Tensor]:
+    """The rules' schedules, then the learnt timing: with `force`, every BS uploading always
+    and never whatever its Q terms (period 1: +force, -force); every assignment of the BSs
+    to one upload phase each (K^M of them, in lexicographic order; the grid's top and
+    bottom, which the Q terms outweigh in a few states); for each longer period p of
+    `periods` its synchronised and staggered schedules (phases 0 and round(m p / M), those
+    of `NearestBS`: p^M would be too many plays); last zero offsets (the first of equal
+    scores is the search's start)."""
+    starts = [torch.full((n_bs, 1), force), torch.full((n_bs, 1), -force)] if force else []
     starts += [schedule(phases, n_phases, grid) for phases in itertools.product(range(n_phases), repeat=n_bs)]
     for p in periods:
         starts += [schedule((0,) * n_bs, p, grid), schedule(staggered_phases(n_bs, p), p, grid)]
-    return starts
+    return [*starts, torch.zeros(n_bs, n_phases)]
 
 
 def fit_upload_offsets(learner, validation: Evaluation, grid: tuple[float, ...], passes: int = 1,
-                       phases: int | None = None, periods: tuple[int, ...] = ()) -> dict:
+                       phases: int | None = None, periods: tuple[int, ...] = (),
+                       force: float | None = None) -> dict:
     """Fit `learner.upload_offsets` `[M, K]` in place: from the best of `phase_starts` for a
     team score (VDN, QMIX; `phases` defaults to K, `periods` must divide K), from zero for
     BSs that score themselves (IQL: no BS picks the others' phases), at most `passes` passes
-    over the coordinates of the best start's period p, stopping after one that moves none;
+    over the coordinates of the best start's period p, stopping after one that moves none,
+    each walked along `grid` (with `force`: -force and +force at its ends);
     the learner keeps the `[M, p]` offsets repeated over its K columns. Return the record:
     those K columns, p, the validation score with zero offsets and after (the team's, or the
     BSs' mean local reward) and the number of validation plays (each set of offsets is
@@ -156,9 +189,10 @@ def fit_upload_offsets(learner, validation: Evaluation, grid: tuple[float, ...],
     phases = cycle if phases is None else phases
     if any(cycle % p for p in (phases, *periods)):
         raise ValueError(f"the offsets span {cycle} slots: phases {phases} and periods {periods} must divide it")
-    starts = (phase_starts(n_bs, phases, grid, periods) if learner.mixer is not None
+    starts = (phase_starts(n_bs, phases, grid, periods, force) if learner.mixer is not None
               else [torch.zeros(n_bs, phases)])
-    before = float(play_of(starts[0]).scores.mean())
+    grid = [-float(force), *grid, float(force)] if force else grid
+    before = float(play_of(torch.zeros(n_bs, phases)).scores.mean())
     offsets = max(starts, key=lambda start: float(play_of(start).scores.mean())).clone()
     current = play_of(offsets)
     for _ in range(passes):

@@ -6,7 +6,8 @@ callbacks, e.g. an Optuna pruner on "eval_team_reward", and switches the outputs
 One run = Algorithm 2 for G = `marl.algorithm.epochs` epochs under a Lightning `Trainer`:
 `EpisodeDataModule` collects D episodes per epoch and serves replay minibatches, the
 `QLearner` subclass updates, greedy evaluation on the fixed evaluation episodes runs as
-validation every `marl.evaluation.every` epochs. Then the greedy policy's association slope
+validation every `marl.evaluation.every` epochs. Then whom the greedy policy serves
+(`marl.network.serve_covered_fit`), its association slope
 (`marl.network.association_slopes`) and, with `marl.upload_offsets.phases` > 0, its upload
 offsets are fitted on validation episodes (`dntsync.marl.offsets`) before the final
 evaluation. With outputs on, Lightning keeps
@@ -42,7 +43,7 @@ from dntsync.env.predictors import Predictor
 from dntsync.errors import RunError, UserError
 from dntsync.files import copy_file, save_torch, write_csv, write_json, write_text
 from dntsync.marl.learners import LEARNERS, QLearner
-from dntsync.marl.offsets import fit_association_slope, fit_upload_offsets
+from dntsync.marl.offsets import fit_association_slope, fit_serve_covered, fit_upload_offsets
 from dntsync.marl.replay import EpisodeDataModule
 from dntsync.metrics import METRICS
 from dntsync.tracking import log_torch_model, training_run
@@ -54,7 +55,7 @@ CURVE_COLUMNS = ("epoch", "train_reward", *(f"train_{k}" for k in METRICS[1:]), 
 # list of seeds, where outputs go (`marl.outputs`) and what is fitted after training
 # (`marl.upload_offsets`, `marl.network.association_slopes`).
 RESUMABLE_CHANGES = ("seeds", "outputs", "upload_offsets", "algorithm.epochs",
-                     "network.association_slopes")  # `marl` keys not used in training
+                     "network.association_slopes", "network.serve_covered_fit")  # `marl` keys not used in training
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*IterableDataset.*has `__len__` defined.*")
@@ -380,24 +381,27 @@ def fit_marl(cfg: Config, *, algo: str | None = None, seed: int | None = None,
         trainer.fit(learner, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
 
     def finish() -> dict:
-        offsets = slope = None
-        uo = cfg.marl.upload_offsets
-        slopes = cfg.marl.network.association_slopes if learner.online.association is not None else ()
-        if learner.offsets is not None or slopes:
+        offsets = slope = serve = None
+        uo, network = cfg.marl.upload_offsets, cfg.marl.network
+        slopes = network.association_slopes if learner.online.association is not None else ()
+        if learner.offsets is not None or slopes or network.serve_covered_fit:
             validation = Evaluation(cfg.scenario, predictor_model, uo.episodes, uo.seed,
                                     **cfg.env.observation_options())
-        if slopes:  # whom the association gives the overlap users, then the upload timing
+        if network.serve_covered_fit:  # whom the BSs serve, whom the association gives the
+            serve = fit_serve_covered(learner, validation)  # overlap users, then the upload timing
+        if slopes:
             slope = fit_association_slope(learner, validation, slopes)
         if learner.offsets is not None:
-            offsets = fit_upload_offsets(learner, validation, uo.grid, uo.passes, uo.phases, uo.periods)
+            offsets = fit_upload_offsets(learner, validation, uo.grid, uo.passes, uo.phases, uo.periods,
+                                         uo.force)
         final = data.evaluation.run(learner.greedy_policy())
         if not all(math.isfinite(v["mean"]) for v in final.values()):
             raise RunError(f"{algo} seed {seed}: the final evaluation is not finite "
                            f"({ {k: v['mean'] for k, v in final.items()} }); no model was written")
         rows = recorder.rows
-        fitted = offsets is not None or slope is not None
+        fitted = offsets is not None or slope is not None or serve is not None
         if rows and (fitted or not any(k.startswith("eval_") for k in rows[-1])):
-            # the curve ends at the final policy (with its association slope and upload offsets)
+            # the curve ends at the final policy (with whom it serves and its upload offsets)
             rows[-1].update({f"eval_{k}": v["mean"] for k, v in final.items()})
         report = {
             "algo": algo, "seed": seed, "predictor": predictor_description,
@@ -412,6 +416,8 @@ def fit_marl(cfg: Config, *, algo: str | None = None, seed: int | None = None,
             report["upload_offsets"] = offsets
         if slope is not None:
             report["association_slope"] = slope
+        if serve is not None:
+            report["serve_covered"] = serve
         if write_outputs:
             report["baselines"] = shared_baselines(cfg, data.evaluation, predictor_description)
             report.update(compare(final, report["baselines"]))
@@ -442,7 +448,7 @@ def fit_marl(cfg: Config, *, algo: str | None = None, seed: int | None = None,
         epochs = cfg.marl.algorithm.epochs
         # by the validation loop, and of the final policy (not so with anything fitted since)
         evaluated_last = (any(m.step == epochs for m in logged)
-                          and not {"upload_offsets", "association_slope"} & set(report))
+                          and not {"upload_offsets", "association_slope", "serve_covered"} & set(report))
         mlflow.log_metrics(headline_metrics(report, with_eval=not evaluated_last), step=epochs)
         if report.get("baselines"):
             mlflow.log_table(baselines_table(report), artifact_file="baselines.json")
@@ -508,6 +514,8 @@ def headline_metrics(report: dict, with_eval: bool = True) -> dict[str, float]:
         out["validation_reward_with_offsets"] = report["upload_offsets"]["validation_after"]
     if "association_slope" in report:
         out["association_slope"] = report["association_slope"]["slope"]
+    if "serve_covered" in report:
+        out["serve_covered"] = float(report["serve_covered"]["serve_covered"])
     return out
 
 
