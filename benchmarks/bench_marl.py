@@ -68,7 +68,7 @@ def _peak_rss_mb() -> float:
 # ---------------------------------------------------------------------- building blocks
 # The flat head (the paper profile's), which the masked max section times.
 FLAT = ["marl.network.head=flat", "marl.network.association=false", "marl.algorithm.error_gamma=0",
-        "marl.upload_offsets.phases=0"]
+        "marl.upload_offsets.phases=0", "marl.network.serve_covered_fit=false"]
 
 
 def _setup(overrides: list[str], algo: str = "vdn"):
@@ -146,7 +146,8 @@ def bench_updates(repeats: int) -> dict:
     out = {}
     for head in ("flat", "factorised", "branching"):
         cfg, data, learner = _setup([f"marl.network.head={head}", "marl.network.association=false",
-                                     "marl.algorithm.error_gamma=0", "marl.upload_offsets.phases=0"])
+                                     "marl.algorithm.error_gamma=0", "marl.upload_offsets.phases=0",
+                                     "marl.network.serve_covered_fit=false"])
         for epoch in range(2):
             data.collect(epoch)
         algorithm = cfg.marl.algorithm
@@ -242,7 +243,8 @@ def head_variant(n_users: int, variant: str, repeats: int) -> dict:
     sparse = "true" if variant == "gathered" else "false"  # gathered-dense: all rows, Adam
     cfg, data, learner = _setup([f"scenario.n_users={n_users}", f"marl.network.head={head}",
                                  "marl.network.association=false", "marl.algorithm.error_gamma=0",
-                                 "marl.upload_offsets.phases=0", "marl.collection.episodes_per_epoch=32",
+                                 "marl.upload_offsets.phases=0", "marl.network.serve_covered_fit=false",
+                                 "marl.collection.episodes_per_epoch=32",
                                  f"marl.network.sparse_head={sparse}"])
     data.collect(0)
     if variant == "naive":

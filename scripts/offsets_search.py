@@ -100,7 +100,8 @@ def main() -> int:
                     offsets = exhaustive(learner, validation, grid, offsets)
                 offsets = offsets.repeat(1, cycle // phases)
             else:
-                plays = fit_upload_offsets(learner, validation, grid, passes, phases, periods)["validation_plays"]
+                plays = fit_upload_offsets(learner, validation, grid, passes, phases, periods,
+                                           uo.force)["validation_plays"]
                 offsets = learner.upload_offsets.clone()
             learner.upload_offsets.copy_(offsets)
             fitted = evaluation.run(learner.greedy_policy())["team_reward"]["mean"]
