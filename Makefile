@@ -36,13 +36,16 @@ paper: $(STAMP)
 # twin: `dvc repro train_twin`); writes benchmarks/results/ablation.json (docs/learners.md).
 # Then what one upload is worth at eps 0.5 and 0.8 (Fig. 4) and in the Fig. 3 setting, now
 # and in the slots after it (scripts/upload_value.py; seconds), and the upload offsets of
-# every saved VDN model refitted from zero (scripts/offsets_search.py; needs `make run`).
+# every saved VDN model refitted from zero (scripts/offsets_search.py; needs `make run`), and
+# those models against the nearest-BS rule on held-out episodes (scripts/rule_check.py).
 ablation: $(STAMP)
 	$(PY) scripts/ablation.py
 	$(PY) scripts/upload_value.py --set scenario.eps=0.5 --set scenario.n_rbs=9
 	$(PY) scripts/upload_value.py --set scenario.eps=0.8 --set scenario.n_rbs=9 --out benchmarks/results/upload_value_e8.json
 	$(PY) scripts/upload_value.py --out benchmarks/results/upload_value_fig3.json
 	$(PY) scripts/offsets_search.py --out benchmarks/results/offsets.json
+	$(PY) scripts/rule_check.py --out benchmarks/results/rule_check.json
+	$(PY) scripts/rule_check.py --episodes 256 --out benchmarks/results/rule_check_256.json
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -9,6 +9,7 @@ that project, the README's commands to read and change it: `dvc dag`, `dvc metri
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -140,6 +141,38 @@ def test_offsets_search_refits_the_runs_own_upload_offsets(project, tmp_path):
         assert row["offsets"] == run["upload_offsets"]["offsets"]
         assert row["with"] == pytest.approx(run["eval_team_reward"])
         assert row["heuristic"] == run["best_heuristic_team_reward"]
+
+
+def test_rule_check_plays_the_runs_models_against_the_nearest_bs_rule(project, tmp_path, monkeypatch):
+    """scripts/rule_check.py (make ablation): the rule it plays through each saved VDN model
+    scores the `NearestBS` policy of that name on the evaluation episodes, and the fitted
+    policy the run's own final team reward."""
+    from dntsync.config import load_config
+    from dntsync.env import NearestBS
+    from dntsync.env.evaluate import Evaluation
+    from dntsync.twin.predictor import build_predictor
+
+    rows_file = tmp_path / "rule_check.json"
+    out = subprocess.run([sys.executable, str(REPO_ROOT / "scripts/rule_check.py"), "--settings", "fig3",
+                          "--episodes", "4", "--out", str(rows_file)], cwd=project, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "| fig3 |" in out.stdout
+    written = json.loads(rows_file.read_text())
+    assert written["episodes"] == 4 and [r["seed"] for r in written["rows"]["fig3"]] == [0, 1]
+    monkeypatch.chdir(project)
+    cfg = load_config(project / "conf/params.yaml")
+    predictor, _ = build_predictor(cfg)
+    evaluation = Evaluation(cfg.scenario, predictor, cfg.marl.evaluation.episodes, cfg.marl.evaluation.seed,
+                            **cfg.env.observation_options())
+    for row in written["rows"]["fig3"]:
+        run = json.loads((project / f"metrics/marl/marl_vdn_seed{row['seed']}.json").read_text())
+        assert row["eval_fitted"] == run["eval_team_reward"]
+        assert row["heuristic"] == run["best_heuristic_team_reward"]
+        phases = None if row["rule_phases"] is None else tuple(row["rule_phases"])
+        rule = NearestBS(cfg.scenario, row["rule_upload"], phases=phases)
+        assert row["eval_rule"] == pytest.approx(evaluation.run(rule)["team_reward"]["mean"], abs=1e-9)
+        assert math.isfinite(row["gain"]) and row["se"] >= 0
 
 
 def test_mlflow_holds_the_runs_under_one_parent(project):

@@ -78,6 +78,7 @@ REGISTRY: dict[str, tuple[str, ...]] = {
                       "tests/test_learning.py::test_ablation_runs_from_the_paper_profile_to_the_default_learner",
                       "tests/test_learning.py::test_upload_value_splits_an_uploads_effect_into_its_slot_and_the_slots_after"),
     "scripts/offsets_search.py": (f"{PIPELINE}::test_offsets_search_refits_the_runs_own_upload_offsets",),
+    "scripts/rule_check.py": (f"{PIPELINE}::test_rule_check_plays_the_runs_models_against_the_nearest_bs_rule",),
     "scripts/upload_value.py": (
         "tests/test_learning.py::test_upload_value_splits_an_uploads_effect_into_its_slot_and_the_slots_after",),
     # The pipeline: `dntsync pipeline --profile conf/profiles/tiny.yaml` runs `dvc repro`,
@@ -458,7 +459,9 @@ MAKE_TARGETS = {
                  ".venv/bin/python scripts/upload_value.py --set scenario.eps=0.8 --set scenario.n_rbs=9 "
                  "--out benchmarks/results/upload_value_e8.json",
                  ".venv/bin/python scripts/upload_value.py --out benchmarks/results/upload_value_fig3.json",
-                 ".venv/bin/python scripts/offsets_search.py --out benchmarks/results/offsets.json"],
+                 ".venv/bin/python scripts/offsets_search.py --out benchmarks/results/offsets.json",
+                 ".venv/bin/python scripts/rule_check.py --out benchmarks/results/rule_check.json",
+                 ".venv/bin/python scripts/rule_check.py --episodes 256 --out benchmarks/results/rule_check_256.json"],
 }
 
 

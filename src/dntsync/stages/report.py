@@ -60,30 +60,43 @@ def best_baseline(baselines: dict) -> tuple[str, float]:
     return best, baselines[best]["team_reward"]["mean"]
 
 
-def bar_row(where: str, vdn: float, vdn_std: float, baselines: dict) -> str:
+def against_heuristic(gap: float, spread: float) -> str:
+    """VDN - the best heuristic: a direction only when it is larger than VDN's spread over
+    seeds (the heuristic plays the same episodes the same way whatever the seed)."""
+    if abs(gap) <= spread:
+        return "tie: within the spread over seeds"
+    return "above" if gap > 0 else "below"
+
+
+def bar_row(where: str, vdn: float, vdn_std: float, baselines: dict, with_oracle: bool) -> str:
+    """One setting of `bars_table`; the bar asks the oracle share only `with_oracle`."""
     name, heuristic = best_baseline(baselines)
     oracle = baselines.get("oracle", {}).get("team_reward", {}).get("mean", float("nan"))
     ratio = vdn / oracle if oracle else float("nan")
-    met = vdn >= heuristic and ratio >= ORACLE_SHARE
-    return (f"| {where} | {vdn:.2f} ± {vdn_std:.2f} | {name} {heuristic:.2f} | {vdn / heuristic:.3f} | "
-            f"{oracle:.2f} | {ratio:.3f} | {'met' if met else '**not met**'} |")
+    met = vdn >= heuristic and (ratio >= ORACLE_SHARE or not with_oracle)
+    gap = vdn - heuristic
+    return (f"| {where} | {vdn:.3f} ± {vdn_std:.3f} | {name} {heuristic:.3f} | {gap:+.4f} "
+            f"({against_heuristic(gap, vdn_std)}) | {vdn / heuristic:.5f} | {oracle:.3f} | {ratio:.3f} | "
+            f"{'met' if met else '**not met**'} |")
 
 
 def bars_table(marl: dict, fig4: dict | None, fig5: dict | None) -> list[str]:
-    """VDN against the best heuristic and the oracle on the same episodes, at every setting."""
-    rows = ["| setting | VDN team reward (± over seeds) | best heuristic | VDN / heuristic | oracle "
-            f"| VDN / oracle | VDN >= heuristic and >= {ORACLE_SHARE} x oracle |",
-            "|---|---|---|---|---|---|---|"]
+    """VDN against the best heuristic and the oracle on the same episodes, at every setting,
+    and the bars: in the Fig. 3 setting VDN >= the best heuristic and >= ORACLE_SHARE x the
+    oracle, at every sweep point VDN >= the best heuristic (its oracle share reported)."""
+    rows = ["| setting | VDN team reward (± over seeds) | best heuristic | VDN - heuristic | VDN / heuristic "
+            f"| oracle | VDN / oracle | bar: VDN >= heuristic (Fig. 3: and >= {ORACLE_SHARE} x oracle) |",
+            "|---|---|---|---|---|---|---|---|"]
     if "vdn" in marl and "baselines" in marl["vdn"]:
         v = marl["vdn"]
         rows.append(bar_row("Fig. 3 (eps 0.3, N 12)", v["eval_team_reward"],
-                            v["eval_team_reward_std_over_seeds"], v["baselines"]))
+                            v["eval_team_reward_std_over_seeds"], v["baselines"], with_oracle=True))
     for sweep in (fig4, fig5):
         for p in (sweep or {}).get("points", []):
             if "vdn" in p["algos"] and p.get("baselines"):
                 r = p["algos"]["vdn"]["team_reward"]
                 rows.append(bar_row(f"{sweep['sweep']}: {sweep['key']} = {p['value']}", r["mean"],
-                                    r["std"], p["baselines"]))
+                                    r["std"], p["baselines"], with_oracle=False))
     return rows if len(rows) > 2 else []
 
 
@@ -171,7 +184,7 @@ def learner_table(marl: dict) -> list[str]:
     for algo, rep in marl.items():
         if "ratio_to_oracle" in rep:
             rows.append(f"\n{algo.upper()}: ratio to the oracle {rep['ratio_to_oracle']:.3f}, "
-                        f"to the best heuristic {rep.get('ratio_to_best_heuristic', float('nan')):.3f}.")
+                        f"to the best heuristic {rep.get('ratio_to_best_heuristic', float('nan')):.5f}.")
     return rows
 
 
@@ -320,7 +333,9 @@ def build(cfg: Config) -> str:
                   "phases tuned on validation episodes (the best of all k^M assignments, where "
                   f"k^M <= {cfg.marl.evaluation.tuned_max}), k in "
                   f"{list(cfg.marl.evaluation.upload_periods)}) and the myopic oracle (centralised, sees "
-                  "the fading) on the same evaluation episodes, at every setting the pipeline runs.",
+                  "the fading) on the same evaluation episodes, at every setting the pipeline runs. "
+                  "VDN - heuristic has a direction only where it is larger than VDN's spread over "
+                  "seeds.",
                   "", *bars, ""]
     if twin:
         one = twin["one_step"]["overall"]
