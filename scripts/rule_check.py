@@ -36,18 +36,10 @@ from dntsync.env.policies import staggered_phases
 from dntsync.files import write_json
 from dntsync.marl.offsets import schedule
 from dntsync.marl.training import RunPaths, load_q_networks
-from dntsync.stages.common import point_config, sweep_points
 from dntsync.twin.predictor import build_predictor
+from offsets_search import settings  # scripts/: the Fig. 3 setting and every sweep point
 
 torch.set_num_threads(1)
-
-
-def settings(base) -> dict[str, object]:
-    """`{label: config}`: the Fig. 3 setting and every point of both sweeps."""
-    out = {"fig3": base}
-    for sweep in ("fig4", "fig5"):
-        out.update({f"{sweep} {p.label}": point_config(base, p) for p in sweep_points(base, sweep)})
-    return out
 
 
 def per_episode(learner, episodes: Evaluation, offsets: torch.Tensor) -> np.ndarray:
