@@ -5,7 +5,7 @@ After `make run`, for every saved VDN model (Fig. 3 and every sweep point, each 
 run fitted it: the rule is the best on the validation episodes (`marl.upload_offsets`) of the
 nearest-BS rules the learner can play (every BS serving each user it covers, an overlap user
 to the nearest BS, the uploads forced always, never, or on the every-k schedules whose period
-divides the offsets' cycle: `dntsync.marl.offsets.schedule` at +-force). Both the fitted
+divides the offsets' cycle: the offsets search's starts, `phase_starts`, at +-force). Both the fitted
 policy and the rule play `--episodes` held-out episodes (seeds `--seed` + i: none of the
 evaluation's, validation's or training's); a check at z would play the fitted policy only if
 its per-episode gain reaches z standard errors (paired), else the rule. The script prints per
@@ -22,7 +22,6 @@ costs about 17 plays of the validation or held-out episodes (minutes in all, one
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import statistics
@@ -32,9 +31,8 @@ import torch
 
 from dntsync.config import load_config
 from dntsync.env.evaluate import Evaluation, rollout
-from dntsync.env.policies import staggered_phases
 from dntsync.files import write_json
-from dntsync.marl.offsets import schedule
+from dntsync.marl.offsets import phase_starts
 from dntsync.marl.training import RunPaths, load_q_networks
 from dntsync.twin.predictor import build_predictor
 from offsets_search import settings  # scripts/: the Fig. 3 setting and every sweep point
@@ -51,26 +49,23 @@ def per_episode(learner, episodes: Evaluation, offsets: torch.Tensor) -> np.ndar
 
 def rules(n_bs: int, phases: int, periods: tuple[int, ...], force: float) -> list[tuple[str, str | int, list | None,
                                                                                     torch.Tensor]]:
-    """The nearest-BS rules the learner plays with offsets: `(name, upload, phases, offsets)`,
-    `NearestBS(scenario, upload, phases=phases)` and its offsets `[M, period]` (+-force)."""
-    always, never = torch.full((n_bs, 1), force), torch.full((n_bs, 1), -force)
-    out = [("nearest-always", "always", None, always), ("nearest-never", "never", None, never)]
-    for p in (phases, *periods):
-        assignments = (itertools.product(range(p), repeat=n_bs) if p == phases
-                       else [(0,) * n_bs, tuple(staggered_phases(n_bs, p))])
-        out += [(f"nearest-every-{p}-phases-" + "-".join(map(str, a)), p, list(a), schedule(a, p, (-force, force)))
-                for a in assignments]
+    """The nearest-BS rules the learner plays with offsets, the starts of its offsets' search
+    at +-force (`phase_starts` less zero offsets): `(name, upload, phases, offsets)`,
+    `NearestBS(scenario, upload, phases=phases)` and its offsets `[M, period]`."""
+    out = []
+    for offsets in phase_starts(n_bs, phases, (-force, force), periods, force)[:-1]:
+        if offsets.shape[1] == 1:  # every slot: always (+force) or never (-force)
+            upload = "always" if float(offsets[0, 0]) > 0 else "never"
+            out.append((f"nearest-{upload}", upload, None, offsets))
+        else:  # each BS's upload slot: its +force column
+            period, slots = offsets.shape[1], offsets.argmax(dim=1).tolist()
+            out.append((f"nearest-every-{period}-phases-" + "-".join(map(str, slots)), period, slots, offsets))
     return out
 
 
-def check(cfg, seed: int, predictor, holdout: Evaluation) -> dict:
-    """One saved model against the rule: the held-out gain and both evaluation scores."""
-    uo, opts = cfg.marl.upload_offsets, cfg.env.observation_options()
-    validation = Evaluation(cfg.scenario, predictor, uo.episodes, uo.seed, **opts)
-    evaluation = Evaluation(cfg.scenario, predictor, cfg.marl.evaluation.episodes, cfg.marl.evaluation.seed, **opts)
-    paths = RunPaths.of(cfg, "vdn", seed)
-    learner, _ = load_q_networks(paths.model, cfg)
-    record = json.loads(paths.metrics.read_text())
+def check(learner, record: dict, uo, validation: Evaluation, holdout: Evaluation, evaluation: Evaluation) -> dict:
+    """One saved model (as the run fitted it) against the rule: the held-out gain and both
+    evaluation scores."""
     cycle = learner.upload_offsets.shape[1]
     mine = per_episode(learner, holdout, learner.upload_offsets.clone())
     learner.online.serve_covered.fill_(1.0)
@@ -84,7 +79,7 @@ def check(cfg, seed: int, predictor, holdout: Evaluation) -> dict:
     se = float(gain.std(ddof=1) / math.sqrt(len(gain)))
     learner.upload_offsets.copy_(offsets[best])
     name, upload, phases, _ = candidates[best]
-    return {"seed": seed, "gain": float(gain.mean()), "se": se,
+    return {"seed": record["seed"], "gain": float(gain.mean()), "se": se,
             "z": float(gain.mean() / se) if se > 0 else 0.0, "rule": name, "rule_upload": upload,
             "rule_phases": phases, "eval_fitted": record["eval_team_reward"],
             "eval_rule": evaluation.run(learner.greedy_policy())["team_reward"]["mean"],
@@ -105,10 +100,16 @@ def main() -> int:
         if args.settings and label not in args.settings:
             continue
         predictor, _ = build_predictor(cfg)
-        holdout = Evaluation(cfg.scenario, predictor, args.episodes, args.seed, **cfg.env.observation_options())
+        uo, opts = cfg.marl.upload_offsets, cfg.env.observation_options()
+        holdout = Evaluation(cfg.scenario, predictor, args.episodes, args.seed, **opts)
+        validation = Evaluation(cfg.scenario, predictor, uo.episodes, uo.seed, **opts)
+        evaluation = Evaluation(cfg.scenario, predictor, cfg.marl.evaluation.episodes, cfg.marl.evaluation.seed,
+                                **opts)
         rows[label] = []
         for seed in cfg.marl.seeds:
-            row = check(cfg, seed, predictor, holdout)
+            paths = RunPaths.of(cfg, "vdn", seed)
+            learner, _ = load_q_networks(paths.model, cfg)
+            row = check(learner, json.loads(paths.metrics.read_text()), uo, validation, holdout, evaluation)
             rows[label].append(row)
             print(f"{label} seed {seed}: held-out gain {row['gain']:+.5f} ± {row['se']:.5f} (z {row['z']:.2f}); "
                   f"evaluation: fitted {row['eval_fitted']:.5f}, {row['rule']} {row['eval_rule']:.5f}, "
