@@ -37,7 +37,10 @@ paper: $(STAMP)
 # Then what one upload is worth at eps 0.5 and 0.8 (Fig. 4) and in the Fig. 3 setting, now
 # and in the slots after it (scripts/upload_value.py; seconds), and the upload offsets of
 # every saved VDN model refitted from zero (scripts/offsets_search.py; needs `make run`), and
-# those models against the nearest-BS rule on held-out episodes (scripts/rule_check.py).
+# those models against the nearest-BS rule on held-out episodes (scripts/rule_check.py), and the
+# retry rules (upload k slots after the last success) against the run's heuristics and VDN
+# (scripts/retry_rules.py), and the models' upload offsets refitted by the slots since the
+# last success (scripts/retry_offsets.py).
 ablation: $(STAMP)
 	$(PY) scripts/ablation.py
 	$(PY) scripts/upload_value.py --set scenario.eps=0.5 --set scenario.n_rbs=9
@@ -46,6 +49,8 @@ ablation: $(STAMP)
 	$(PY) scripts/offsets_search.py --out benchmarks/results/offsets.json
 	$(PY) scripts/rule_check.py --out benchmarks/results/rule_check.json
 	$(PY) scripts/rule_check.py --episodes 256 --out benchmarks/results/rule_check_256.json
+	$(PY) scripts/retry_rules.py --out benchmarks/results/retry_rules.json
+	$(PY) scripts/retry_offsets.py --out benchmarks/results/retry_offsets.json
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -175,6 +175,101 @@ def test_rule_check_plays_the_runs_models_against_the_nearest_bs_rule(project, t
         assert math.isfinite(row["gain"]) and row["se"] >= 0
 
 
+def test_retry_rules_play_against_the_runs_heuristic_and_retry_a_failed_upload(project, tmp_path, monkeypatch):
+    """scripts/retry_rules.py: its rows carry the runs' own VDN and best-heuristic numbers,
+    and its rule uploads k slots after a BS's last success (from its phase before the first),
+    then in every slot until an upload succeeds, as an independent replay of the outcomes says."""
+    import numpy as np
+
+    from dntsync.env import DntEnv, HoldLast
+    from dntsync.env.policies import staggered_phases
+    from dntsync.network import Scenario
+
+    rows_file = tmp_path / "retry_rules.json"
+    out = subprocess.run([sys.executable, str(REPO_ROOT / "scripts/retry_rules.py"), "--settings", "fig3",
+                          "--episodes", "4", "--periods", "2", "3", "--out", str(rows_file)], cwd=project,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "| fig3 |" in out.stdout
+    row = json.loads(rows_file.read_text())["rows"]["fig3"]
+    runs = [json.loads((project / f"metrics/marl/marl_vdn_seed{s}.json").read_text()) for s in (0, 1)]
+    assert row["vdn_eval"] == [r["eval_team_reward"] for r in runs]
+    assert row["heuristic"] == runs[0]["best_heuristic"]
+    assert row["heuristic_eval"] == runs[0]["best_heuristic_team_reward"]
+    assert set(row["rules"]) == {f"nearest-retry-{k}{v}" for k in (2, 3) for v in ("", "-staggered")}
+    assert row["retry_on_eval_eval"] == max(r["evaluation"] for r in row["rules"].values())
+    assert math.isfinite(row["holdout_gain"]) and row["holdout_se"] >= 0
+    assert math.isfinite(row["evaluation_gain"]) and row["evaluation_se"] >= 0
+
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "scripts"))
+    from retry_rules import RetryRule
+
+    # the default scenario (U = 12), where uploads fail often enough to meet retries
+    scenario = Scenario()
+    env = DntEnv(scenario, HoldLast(), n_envs=64, seed=5, observation="full")
+    k, phases = 3, staggered_phases(scenario.n_bs, 3)
+    rule = RetryRule(scenario, k, phases, "retry")
+    obs, _ = env.reset()
+    last_ok = np.full((64, scenario.n_bs), -1)  # slot of each BS's last success, -1: none yet
+    failed = 0
+    for t in range(scenario.episode_length):
+        expected = np.where(last_ok < 0, t >= np.array(phases), t >= last_ok + k)
+        result = env.step(rule.act(env.state, obs))
+        assert (result.outcome.upload == expected).all(), t
+        failed += int((result.outcome.upload & ~result.outcome.upload_ok).sum())
+        last_ok = np.where(result.outcome.upload_ok, t, last_ok)
+        obs = result.obs
+    assert failed > 0  # the replay met failed uploads, which the rule retried
+
+
+def test_retry_offsets_at_force_play_the_retry_rule_through_the_learner(project, tmp_path, monkeypatch):
+    """scripts/retry_offsets.py: its rows carry the run's own fit, the walk never scores below
+    its start on the validation episodes, and a retry start at +-force played through a saved
+    VDN model (serving every covered user, the nearest BS's association) is the retry rule of
+    scripts/retry_rules.py, action for action."""
+    import numpy as np
+
+    from dntsync.config import load_config
+    from dntsync.env import DntEnv
+    from dntsync.marl.training import RunPaths, load_q_networks
+    from dntsync.twin.predictor import build_predictor
+
+    rows_file = tmp_path / "retry_offsets.json"
+    out = subprocess.run([sys.executable, str(REPO_ROOT / "scripts/retry_offsets.py"), "--settings", "fig3",
+                          "--episodes", "4", "--periods", "2", "3", "--out", str(rows_file)], cwd=project,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = json.loads(rows_file.read_text())["rows"]["fig3"]
+    assert [r["seed"] for r in rows] == [0, 1]
+    for row in rows:
+        run = json.loads((project / f"metrics/marl/marl_vdn_seed{row['seed']}.json").read_text())
+        assert row["run_eval"] == run["eval_team_reward"]
+        assert row["walk_validation"] >= row["start_validation"]
+        assert math.isfinite(row["holdout_gain"]) and row["holdout_se"] >= 0
+
+    monkeypatch.chdir(project)
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "scripts"))
+    from retry_offsets import RetryOffsets, retry_starts
+    from retry_rules import RetryRule
+
+    cfg = load_config(project / "conf/params.yaml")
+    predictor, _ = build_predictor(cfg)
+    learner, _ = load_q_networks(RunPaths.of(cfg, "vdn", 0).model, cfg)
+    learner.online.serve_covered.fill_(1.0)
+    learner.online.association.slope.fill_(cfg.marl.upload_offsets.force)
+    length = cfg.scenario.episode_length
+    for offsets, phases in retry_starts(cfg.scenario.n_bs, (2, 3), cfg.marl.upload_offsets.force):
+        env = DntEnv(cfg.scenario, predictor, n_envs=16, seed=7, **cfg.env.observation_options())
+        mine = RetryOffsets(learner.online, offsets, phases, length)
+        rule = RetryRule(cfg.scenario, offsets.shape[1], phases, "retry")
+        obs, _ = env.reset()
+        mine.begin_episode(16)
+        for _ in range(length):
+            actions = mine.act(env.state, obs)
+            np.testing.assert_array_equal(actions, rule.act(env.state, obs))
+            obs = env.step(actions).obs
+
+
 def test_mlflow_holds_the_runs_under_one_parent(project):
     db = sqlite3.connect(project / "mlflow.db")
     counts = dict(db.execute(

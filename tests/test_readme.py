@@ -79,6 +79,10 @@ REGISTRY: dict[str, tuple[str, ...]] = {
                       "tests/test_learning.py::test_upload_value_splits_an_uploads_effect_into_its_slot_and_the_slots_after"),
     "scripts/offsets_search.py": (f"{PIPELINE}::test_offsets_search_refits_the_runs_own_upload_offsets",),
     "scripts/rule_check.py": (f"{PIPELINE}::test_rule_check_plays_the_runs_models_against_the_nearest_bs_rule",),
+    "scripts/retry_rules.py": (
+        f"{PIPELINE}::test_retry_rules_play_against_the_runs_heuristic_and_retry_a_failed_upload",),
+    "scripts/retry_offsets.py": (
+        f"{PIPELINE}::test_retry_offsets_at_force_play_the_retry_rule_through_the_learner",),
     "scripts/upload_value.py": (
         "tests/test_learning.py::test_upload_value_splits_an_uploads_effect_into_its_slot_and_the_slots_after",),
     # The pipeline: `dntsync pipeline --profile conf/profiles/tiny.yaml` runs `dvc repro`,
@@ -461,7 +465,9 @@ MAKE_TARGETS = {
                  ".venv/bin/python scripts/upload_value.py --out benchmarks/results/upload_value_fig3.json",
                  ".venv/bin/python scripts/offsets_search.py --out benchmarks/results/offsets.json",
                  ".venv/bin/python scripts/rule_check.py --out benchmarks/results/rule_check.json",
-                 ".venv/bin/python scripts/rule_check.py --episodes 256 --out benchmarks/results/rule_check_256.json"],
+                 ".venv/bin/python scripts/rule_check.py --episodes 256 --out benchmarks/results/rule_check_256.json",
+                 ".venv/bin/python scripts/retry_rules.py --out benchmarks/results/retry_rules.json",
+                 ".venv/bin/python scripts/retry_offsets.py --out benchmarks/results/retry_offsets.json"],
 }
 
 
