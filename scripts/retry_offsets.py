@@ -7,7 +7,8 @@ fitted policies upload on a clock, as the every-k heuristics do. Here BS m's upl
 raised by b[m, j] instead, j = min(slots since its last success, k - 1); before its first
 success in the episode j counts from k - 1 - phase_m, so that at +-force the offsets play
 `scripts/retry_rules.py`'s nearest-retry-k rule with those phases. The fit: the best on the
-validation episodes of the retry rules (k in `--periods`, synchronised and staggered, with
+validation episodes of the retry rules (k in `--periods`, synchronised and staggered, or in
+every phase assignment where k^M <= `--tuned-max`, with
 every covered user served and the nearest BS's association, as the run's own starts), then
 one pass of the run's pattern walk over b (grid `marl.upload_offsets.grid`, +-force at its
 ends). Each saved model keeps what the run fitted (serve, slope); the script prints per seed
@@ -21,6 +22,7 @@ episodes (paired):
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -64,11 +66,15 @@ class RetryOffsets(QPolicy):
         return greedy.numpy()
 
 
-def retry_starts(n_bs: int, periods: tuple[int, ...], force: float) -> list[tuple[torch.Tensor, tuple[int, ...]]]:
-    """`(offsets [M, k], phases)` of nearest-retry-k at +-force, synchronised and staggered."""
+def retry_starts(n_bs: int, periods: tuple[int, ...], force: float,
+                 tuned_max: int = 0) -> list[tuple[torch.Tensor, tuple[int, ...]]]:
+    """`(offsets [M, k], phases)` of nearest-retry-k at +-force, synchronised and staggered,
+    or every assignment of the BSs to a first upload slot where k^M <= `tuned_max`."""
     out = []
     for k in periods:
-        for phases in ((0,) * n_bs, staggered_phases(n_bs, k)):
+        every = (list(itertools.product(range(k), repeat=n_bs)) if k ** n_bs <= tuned_max
+                 else [(0,) * n_bs, staggered_phases(n_bs, k)])
+        for phases in every:
             offsets = torch.full((n_bs, k), -float(force))
             offsets[:, k - 1] = float(force)
             out.append((offsets, phases))
@@ -76,7 +82,7 @@ def retry_starts(n_bs: int, periods: tuple[int, ...], force: float) -> list[tupl
 
 
 def fit(learner, validation: Evaluation, periods: tuple[int, ...], grid: list[float], force: float,
-        episode_length: int) -> dict:
+        episode_length: int, tuned_max: int = 0) -> dict:
     """The best retry start on `validation`, then one pass of the walk (team score)."""
     played: dict[tuple, float] = {}
 
@@ -87,7 +93,8 @@ def fit(learner, validation: Evaluation, periods: tuple[int, ...], grid: list[fl
                                                                       episode_length)).mean())
         return played[key]
 
-    start, phases = max(retry_starts(len(learner.online.agents), periods, force), key=lambda s: score(*s))
+    starts = retry_starts(len(learner.online.agents), periods, force, tuned_max)
+    start, phases = max(starts, key=lambda s: score(*s))
     offsets, current = start.clone(), score(start, phases)
     grid = [-float(force), *grid, float(force)]
     for m in range(offsets.shape[0]):
@@ -129,19 +136,25 @@ def main() -> int:
             paths = RunPaths.of(cfg, "vdn", seed)
             learner, _ = load_q_networks(paths.model, cfg)
             run = json.loads(paths.metrics.read_text())
-            got = fit(learner, validation, tuple(args.periods), [float(g) for g in uo.grid], uo.force, length)
+            got = fit(learner, validation, tuple(args.periods), [float(g) for g in uo.grid], uo.force, length,
+                      args.tuned_max)
             start = RetryOffsets(learner.online, got["start"], got["phases"], length)
             walked = RetryOffsets(learner.online, got["offsets"], got["phases"], length)
             runs_fit = per_episode(holdout, learner.greedy_policy())
             gain = per_episode(holdout, walked) - runs_fit
             start_gain = per_episode(holdout, start) - runs_fit
-            row = {"seed": seed, "heuristic": run["best_heuristic"], "heuristic_eval": run["best_heuristic_team_reward"],
-                   "run_validation": run.get("upload_offsets", {}).get("validation_after", math.nan), "run_eval": run["eval_team_reward"],
+            row = {"seed": seed, "heuristic": run["best_heuristic"],
+                   "heuristic_eval": run["best_heuristic_team_reward"],
+                   "run_validation": run.get("upload_offsets", {}).get("validation_after", math.nan),
+                   "run_eval": run["eval_team_reward"],
                    "start": f"k {got['start'].shape[1]}, phases {list(got['phases'])}",
-                   "start_validation": got["start_validation"], "start_eval": float(per_episode(evaluation, start).mean()),
-                   "walk_validation": got["validation"], "walk_eval": float(per_episode(evaluation, walked).mean()),
+                   "start_validation": got["start_validation"],
+                   "start_eval": float(per_episode(evaluation, start).mean()),
+                   "walk_validation": got["validation"],
+                   "walk_eval": float(per_episode(evaluation, walked).mean()),
                    "walk_offsets": got["offsets"].tolist(), "plays": got["plays"],
-                   "holdout_gain": float(gain.mean()), "holdout_se": float(gain.std(ddof=1) / math.sqrt(len(gain))),
+                   "holdout_gain": float(gain.mean()),
+                   "holdout_se": float(gain.std(ddof=1) / math.sqrt(len(gain))),
                    "holdout_start_gain": float(start_gain.mean()),
                    "holdout_start_se": float(start_gain.std(ddof=1) / math.sqrt(len(start_gain)))}
             rows[label].append(row)

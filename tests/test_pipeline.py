@@ -196,7 +196,10 @@ def test_retry_rules_play_against_the_runs_heuristic_and_retry_a_failed_upload(p
     assert row["vdn_eval"] == [r["eval_team_reward"] for r in runs]
     assert row["heuristic"] == runs[0]["best_heuristic"]
     assert row["heuristic_eval"] == runs[0]["best_heuristic_team_reward"]
-    assert set(row["rules"]) == {f"nearest-retry-{k}{v}" for k in (2, 3) for v in ("", "-staggered")}
+    assert set(row["rules"]) == {f"nearest-retry-{k}{v}" for k in (2, 3) for v in ("", "-staggered", "-tuned")}
+    for k in (2, 3):  # the tuned phases score at least every other phase's on the validation episodes
+        assert row["rules"][f"nearest-retry-{k}-tuned"]["validation"] >= max(
+            row["rules"][f"nearest-retry-{k}{v}"]["validation"] for v in ("", "-staggered"))
     assert row["retry_on_eval_eval"] == max(r["evaluation"] for r in row["rules"].values())
     assert math.isfinite(row["holdout_gain"]) and row["holdout_se"] >= 0
     assert math.isfinite(row["evaluation_gain"]) and row["evaluation_se"] >= 0
