@@ -28,7 +28,8 @@ def test_baselines_report_every_metric_with_mean_and_std(small):
     evaluation = Evaluation(small, Drift(small), n_episodes=4, seed=10_000)
     results = evaluation.run_all(baseline_policies(small, (5,)))
     assert set(results) == {"random", "nearest-always", "nearest-never", "nearest-every-5",
-                            "nearest-every-5-staggered", "oracle"}
+                            "nearest-every-5-staggered", "nearest-retry-5", "nearest-retry-5-staggered",
+                            "oracle"}
     for res in results.values():
         assert set(res) == set(METRICS)
         for stats in res.values():

@@ -18,8 +18,8 @@ from dntsync.env.evaluate import Evaluation, Rollout, StatelessPolicy, rollout
 from dntsync.marl import IQL, VDN, FactorisedHead, FlatHead, QPolicy
 from dntsync.marl.learners import LEARNERS, QMIX, QMixer
 from dntsync.marl.networks import AgentQNets, BranchingHead, GreedyActions, valid_mask, with_upload_offsets
-from dntsync.marl.offsets import (fit_association_slope, fit_serve_covered, fit_upload_offsets, phase_starts,
-                                  schedule, scores)
+from dntsync.marl.offsets import (fit_association_slope, fit_retry_offsets, fit_serve_covered, fit_upload_offsets,
+                                  phase_starts, retry_starts, schedule, scores)
 from dntsync.marl.replay import EpisodeBatch, EpisodeReplay
 from dntsync.marl.training import build_learner, fit_marl
 from dntsync.network import Scenario
@@ -772,6 +772,71 @@ def test_serving_every_covered_user_with_the_nearest_association_and_forced_uplo
         assert np.array_equal(mine.actions, rule)
         assert np.array_equal(GreedyActions(learner.online, learner.offsets)(torch.from_numpy(mine.obs)).numpy(),
                               mine.actions)  # the MLflow model too
+
+
+def test_retry_offsets_at_force_play_the_retry_rule_and_the_mlflow_model_does_too():
+    """With `serve_covered`, a large association slope and a retry start at +-force the
+    greedy policy is `NearestBS(k, retry=True)` with the start's phases, action for action,
+    through uploads that fail and are retried; so is the MLflow model (`GreedyActions`)."""
+    scenario = Scenario(n_users=12, episode_length=8)
+    env = DntEnv(scenario, Drift(scenario), n_envs=16, seed=0, obs_frame="bs", user_features=("others",))
+    torch.manual_seed(0)
+    learner = VDN(n_agents=scenario.n_bs, obs_dim=env.obs_dim, n_users=scenario.n_users, hidden=8,
+                  head="branching", user_dim=env.user_dim, association=env.layout(), error_gamma=0.8,
+                  upload_phases=2, retry_slots=4, episode_length=scenario.episode_length)
+    learner.online.association.slope.fill_(1000.0)
+    learner.online.serve_covered.fill_(1.0)
+    starts = retry_starts(scenario.n_bs, (2, 4), 1000.0, 4)
+    assert [(k, phases) for k, phases, *_ in starts] == [(2, (0, 0, 0)), (2, (0, 1, 1)), (4, (0, 0, 0)),
+                                                         (4, (0, 1, 3))]
+    tuned = retry_starts(scenario.n_bs, (2, 4), 1000.0, 4, tuned_max=8)  # all 2^3 assignments for k = 2
+    assert [phases for k, phases, *_ in tuned if k == 2] == [tuple(map(int, f"{i:03b}")) for i in range(8)]
+    starts += [tuned[5], tuned[6]]  # phases (1, 0, 1) and (1, 1, 0): any assignment plays its rule
+    for k, phases, offsets, head in starts:
+        learner.retry_offsets.copy_(offsets)
+        learner.retry_head_start.copy_(head)
+        rule = rollout(env, StatelessPolicy(NearestBS(scenario, k, phases=phases, retry=True)), seed=3,
+                       record=True)
+        assert rule.steps["failed_uploads"].sum() > 0  # retries are met
+        mine = rollout(env, learner.greedy_policy(), seed=3, record=True)
+        assert np.array_equal(mine.actions, rule.actions)
+        model = GreedyActions(learner.online, learner.offsets, learner.retry)
+        assert np.array_equal(model(torch.from_numpy(mine.obs)).numpy(), mine.actions)
+
+
+def test_the_retry_fit_keeps_the_best_retry_rule_only_above_the_slot_offsets_score():
+    scenario = Scenario(n_users=8, n_rbs=6, episode_length=6)
+    env = DntEnv(scenario, Drift(scenario), n_envs=1, seed=0)
+    validation = Evaluation(scenario, Drift(scenario), 8, 500)
+    torch.manual_seed(0)
+    learner = VDN(n_agents=scenario.n_bs, obs_dim=env.obs_dim, n_users=scenario.n_users, hidden=8,
+                  head="branching", user_dim=env.user_dim, association=env.layout(), upload_phases=2,
+                  retry_slots=3, episode_length=scenario.episode_length)
+    learner.upload_offsets.fill_(0.5)
+    zero = torch.zeros_like(learner.upload_offsets)
+    scored = [float(scores(learner, validation, zero, (offsets, head, learner.retry_scale)).mean())
+              for _, _, offsets, head in retry_starts(scenario.n_bs, (2, 3), 1000.0, 3)]
+    record = fit_retry_offsets(learner, validation, (2, 3), 1000.0, than=float("inf"))
+    assert not record["kept"] and record["validation"] == pytest.approx(max(scored))
+    assert record["validation_plays"] == 4
+    assert learner.upload_offsets.eq(0.5).all() and not learner.retry_offsets.any()
+    record = fit_retry_offsets(learner, validation, (2, 3), 1000.0, than=-float("inf"))
+    k, phases, offsets, head = retry_starts(scenario.n_bs, (2, 3), 1000.0, 3)[int(np.argmax(scored))]
+    assert record["kept"] and (record["k"], record["phases"]) == (k, list(phases))
+    assert not learner.upload_offsets.any()
+    assert torch.equal(learner.retry_offsets, offsets) and torch.equal(learner.retry_head_start, head)
+    assert float(scores(learner, validation, learner.upload_offsets).mean()) == pytest.approx(max(scored))
+
+
+def test_iql_and_older_model_files_have_no_retry_offsets():
+    kwargs = dict(n_agents=3, obs_dim=10, n_users=3, hidden=8, head="branching", upload_phases=2)
+    assert IQL(**kwargs, retry_slots=4, episode_length=5).retry is None  # its BSs score themselves
+    old = VDN(**kwargs).state_dict()
+    learner = VDN(**kwargs, retry_slots=4, episode_length=5)
+    checkpoint = {"state_dict": dict(old)}
+    learner.on_load_checkpoint(checkpoint)
+    learner.load_state_dict(checkpoint["state_dict"])  # strict
+    assert not learner.retry_offsets.any() and float(learner.retry_scale) == 5.0
 
 
 def test_the_serve_fit_keeps_serving_every_covered_user_unless_the_learnt_terms_score_higher():

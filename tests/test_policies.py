@@ -130,6 +130,31 @@ def test_staggered_uploads_spread_the_bss_over_the_period(tiny):
         assert np.flatnonzero(uploads[:, m]).tolist() == list(range(m, tiny.episode_length, k))
 
 
+def test_retry_uploads_k_slots_after_the_last_success_and_retry_a_failed_upload():
+    """BS m uploads from slot phases[m] until an upload succeeds, then k slots after each
+    success and in every slot after that until the next one succeeds, as a replay of the
+    environment's upload outcomes says; the default scenario fails uploads often enough."""
+    sc = Scenario()
+    k, phases = 3, (0, 1, 2)
+    env = DntEnv(sc, n_envs=32, seed=5)
+    env.reset()
+    policy = NearestBS(sc, k, phases=phases, retry=True)
+    assert policy.name == "nearest-retry-3-phases-0-1-2"
+    assert NearestBS(sc, 4, staggered=True, retry=True).name == "nearest-retry-4-staggered"
+    last_ok = np.full((32, sc.n_bs), -1)  # the slot of each BS's last success, -1: none yet
+    failed = 0
+    for t in range(sc.episode_length):
+        actions = policy.act(env.state)
+        upload, serve = decode(actions, sc.n_users)
+        np.testing.assert_array_equal(upload, np.where(last_ok < 0, t >= np.array(phases), t >= last_ok + k))
+        _, nearest = decode(NearestBS(sc, "never").act(env.state), sc.n_users)
+        np.testing.assert_array_equal(serve, nearest)
+        outcome = env.step(actions).outcome
+        failed += int((outcome.upload & ~outcome.upload_ok).sum())
+        last_ok = np.where(outcome.upload_ok, t, last_ok)
+    assert failed > 0  # the replay met failed uploads, which the rule retried
+
+
 def test_bad_upload_rule_is_rejected(tiny):
     for bad in ("sometimes", 0, -3):
         with pytest.raises(ValueError, match="upload"):
@@ -141,6 +166,9 @@ def test_bad_upload_rule_is_rejected(tiny):
             NearestBS(tiny, 2, phases=bad)
     with pytest.raises(ValueError, match="not both"):
         NearestBS(tiny, 2, staggered=True, phases=(0,) * tiny.n_bs)
+    for bad in ("always", "never", 1):
+        with pytest.raises(ValueError, match="retry"):
+            NearestBS(tiny, bad, retry=True)
 
 
 def test_given_phases_set_each_bs_first_upload_slot(tiny):
@@ -170,13 +198,18 @@ def test_tuned_phases_are_the_best_of_every_assignment(tiny):
 
 
 def test_baseline_policies_names(tiny):
-    names = [p.name for p in baseline_policies(tiny, (2, 4))]
-    assert names == ["random", "nearest-always", "nearest-never", "nearest-every-2", "nearest-every-4",
-                     "nearest-every-2-staggered", "nearest-every-4-staggered", "oracle"]
+    names = [p.name for p in baseline_policies(tiny, (1, 2, 4))]
+    assert names == ["random", "nearest-always", "nearest-never", "nearest-every-1", "nearest-every-2",
+                     "nearest-every-4", "nearest-every-1-staggered", "nearest-every-2-staggered",
+                     "nearest-every-4-staggered", "nearest-retry-2", "nearest-retry-4",
+                     "nearest-retry-2-staggered", "nearest-retry-4-staggered", "oracle"]
     assert "oracle" not in [p.name for p in baseline_policies(tiny, (), oracle=False)]
     # tuned phases for each period k with k^M <= tuned_max, given a score
     tuned = baseline_policies(tiny, (2, 4), oracle=False, score=lambda p: float(p.offsets[0]),
                               tuned_max=2 ** tiny.n_bs)
-    assert [p.name for p in tuned][-1] == "nearest-every-2-tuned"
-    assert tuned[-1].offsets.tolist() == [1] + [0] * (tiny.n_bs - 1)
+    assert [p.name for p in tuned if p.name.endswith("tuned")] == ["nearest-every-2-tuned", "nearest-retry-2-tuned"]
+    for policy in tuned:
+        if policy.name.endswith("tuned"):
+            assert policy.offsets.tolist() == [1] + [0] * (tiny.n_bs - 1)
+            assert policy.retry == policy.name.startswith("nearest-retry")
     assert "nearest-every-2-tuned" not in [p.name for p in baseline_policies(tiny, (2,), tuned_max=10 ** 6)]

@@ -317,10 +317,11 @@ class EvaluationConfig:
     every: int = 3  # epochs (and the pruner's report); the last epoch is always evaluated
     episodes: int = 32
     seed: int = 10_000  # evaluation episodes use seed + i, never a training seed
-    # the heuristics' upload periods k: nearest-BS uploading every k slots, synchronised and
-    # staggered, beside always and never (`dntsync.env.policies.baseline_policies`)
+    # the heuristics' upload periods k: nearest-BS uploading every k slots, and k slots after
+    # the last successful upload (retrying a failed one), synchronised and staggered, beside
+    # always and never (`dntsync.env.policies.baseline_policies`)
     upload_periods: tuple[int, ...] = (2, 3, 5, 10)
-    # and every k slots with the BSs' phases tuned on the validation episodes of
+    # and both with the BSs' phases tuned on the validation episodes of
     # marl.upload_offsets (the best of all k^M assignments), for each k with k^M <= this
     tuned_max: int = 27
 
@@ -354,11 +355,25 @@ class UploadOffsetsConfig:
     passes: int = 2  # the pattern search's passes over the coordinates (at most)
     episodes: int = 64
     seed: int = 20_000  # validation episodes use seed + i, never an evaluation or training seed
+    # after the search, with a team score (VDN, QMIX): the retry rules (upload k slots after
+    # the last success, then in every slot until one succeeds; synchronised and staggered)
+    # played through offsets read by the slots since each BS's last success, kept instead of
+    # the slot offsets when one scores higher on the validation episodes (docs/learners.md,
+    # "A stronger rule: retrying a failed upload"); []: none. Needs env.observation: full
+    retry_periods: tuple[int, ...] = (2, 3, 4, 5, 6, 10)
+    # and for each k with k^M <= this every assignment of the BSs to a first upload slot, as
+    # the tuned heuristics (marl.evaluation.tuned_max); 0: synchronised and staggered only
+    retry_tuned_max: int = 27
 
     @property
     def cycle(self) -> int:
         """The slots the fitted offsets span: lcm(phases, *periods); 0 without offsets."""
         return math.lcm(self.phases, *self.periods) if self.phases > 0 else 0
+
+    @property
+    def retry_slots(self) -> int:
+        """The columns of the retry offsets: the longest retry period; 0 without them."""
+        return max(self.retry_periods) if self.phases > 0 and self.retry_periods else 0
 
     def validate(self, key: str) -> None:
         _need(self.phases >= 0, f"{key}.phases", self.phases, "need >= 0 (0: no offsets)")
@@ -371,6 +386,11 @@ class UploadOffsetsConfig:
               list(self.grid), "need finite offsets in increasing order, 0 among them")
         _need(math.isfinite(self.force) and self.force > max(abs(g) for g in self.grid), f"{key}.force",
               self.force, "need a finite offset beyond every grid value")
+        _need(all(isinstance(k, int) and not isinstance(k, bool) and k >= 2 for k in self.retry_periods)
+              and len(set(self.retry_periods)) == len(self.retry_periods), f"{key}.retry_periods",
+              list(self.retry_periods), "need distinct whole numbers of slots >= 2 ([]: no retry rules)")
+        _need(self.retry_tuned_max >= 0, f"{key}.retry_tuned_max", self.retry_tuned_max,
+              "need >= 0 (0: synchronised and staggered phases only)")
         _need(self.passes >= 1, f"{key}.passes", self.passes, "need >= 1")
         _need(self.episodes >= 1, f"{key}.episodes", self.episodes, "need >= 1")
         _need(self.seed >= 0, f"{key}.seed", self.seed, "need >= 0")
@@ -570,6 +590,10 @@ class Config:
         self.scenario.validate()
         for name in ("data", "env", "twin", "marl", "tracking", "tune", "sweeps"):
             getattr(self, name).validate(name)
+        uo = self.marl.upload_offsets
+        _need(not uo.retry_slots or self.env.observation == "full", "marl.upload_offsets.retry_periods",
+              list(uo.retry_periods), "the retry offsets read the slots since each BS's last success from "
+              "env.observation: full; set env.observation=full or marl.upload_offsets.retry_periods=[]")
 
     def _validate_sweep_points(self) -> None:
         """Every point of the Fig. 4 / Fig. 5 grids is a valid config (its key exists, its

@@ -45,6 +45,7 @@ class SlotState:
     fade_user: np.ndarray  # [B, M, U]
     fade_cloud: np.ndarray  # [B, M]
     prediction: np.ndarray  # [B, U, 2] s-hat_t
+    since_upload: np.ndarray  # [B, M] slots since each BS's last successful upload (t before its first)
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,7 @@ class DntEnv:
             t=t, user_xy=user_xy, covered=coverage(self.scenario, user_xy),
             fade_user=fade_user, fade_cloud=fade_cloud,
             prediction=np.asarray(self.predictor.predict(self._history), dtype=np.float64),
+            since_upload=self._since_ok.copy(),
         )
 
     def observe(self) -> np.ndarray:
@@ -213,7 +215,8 @@ class DntEnv:
         t = st.t + 1
         done = t >= self.scenario.episode_length
         if done:
-            self.state = SlotState(t, st.user_xy, st.covered, st.fade_user, st.fade_cloud, st.prediction)
+            self.state = SlotState(t, st.user_xy, st.covered, st.fade_user, st.fade_cloud, st.prediction,
+                                   self._since_ok.copy())
         else:
             self._prepare(t, step_positions(self.scenario, st.user_xy, self.move_probs, self._rng_moves))
         return StepResult(

@@ -6,7 +6,9 @@ Each maps the current `SlotState` of a batched environment to actions `[B, M]`:
   nearest covering BS; uploads "always", "never", or every k slots (an int k): all BSs at
   t = 0, k, 2k, ..., or staggered, BS m from slot round(m k / M) on, so the BSs' uploads
   (their RBs and their interference) fall in different slots, or from the slots `phases`
-  give;
+  give; with `retry`, k slots after the BS's last successful upload and then in every slot
+  until one succeeds (from its phase until its first success): uploads fail often where RBs
+  are scarce, and a failed one leaves the twin unsynchronised until the next;
 - `tuned_phases`: the phases of every-k uploads that score best on some episodes, over all
   k^M assignments of the BSs to the k slot phases (`baseline_policies` tunes them on
   validation episodes: which BS shares its upload slot with which, and which go first,
@@ -65,12 +67,16 @@ def staggered_phases(n_bs: int, k: int) -> tuple[int, ...]:
 
 
 class NearestBS:
-    """Nearest-BS association with a fixed upload rule."""
+    """Nearest-BS association with a fixed upload rule: always, never, every k slots, or with
+    `retry`, k slots after the BS's last successful upload and then in every slot until one
+    succeeds (a failed upload is retried in the next slot instead of k slots later)."""
 
     def __init__(self, scenario: Scenario, upload: str | int = "always", staggered: bool = False,
-                 phases: tuple[int, ...] | None = None) -> None:
+                 phases: tuple[int, ...] | None = None, retry: bool = False) -> None:
         if not (upload in ("always", "never") or (isinstance(upload, int) and upload >= 1)):
             raise ValueError(f"upload = {upload!r} is invalid: need 'always', 'never' or an int k >= 1")
+        if retry and not (isinstance(upload, int) and upload >= 2):
+            raise ValueError(f"retry needs a period k >= 2 (k = 1 is 'always'), not upload = {upload!r}")
         if (staggered or phases is not None) and not isinstance(upload, int):
             raise ValueError(f"staggered uploads need a period k, not upload = {upload!r}")
         if staggered and phases is not None:
@@ -80,7 +86,9 @@ class NearestBS:
             raise ValueError(f"phases = {phases!r} is invalid: need one slot in [0, {upload}) per BS")
         self.scenario = scenario
         self.upload = upload
-        self.name = f"nearest-{upload}" if isinstance(upload, str) else f"nearest-every-{upload}"
+        self.retry = retry
+        self.name = (f"nearest-{upload}" if isinstance(upload, str)
+                     else f"nearest-{'retry' if retry else 'every'}-{upload}")
         # the slot of each BS's first upload: 0 for all, spread over the period, or given
         self.offsets = np.zeros(scenario.n_bs, dtype=int)
         if staggered:
@@ -96,6 +104,9 @@ class NearestBS:
             up = np.True_
         elif self.upload == "never":
             up = np.False_
+        elif self.retry:  # [B, M]: from its phase until the first success, then k slots after each
+            since = state.since_upload
+            up = np.where(since == state.t, state.t >= self.offsets, since >= self.upload - 1)
         else:
             up = (state.t - self.offsets) % self.upload == 0  # [M]
         upload = np.broadcast_to(up, serve.shape[:-1])
@@ -149,29 +160,33 @@ class MyopicOracle:
         return actions
 
 
-def tuned_phases(scenario: Scenario, k: int, score: Callable[[NearestBS], float]) -> tuple[int, ...]:
-    """The phases (BS m uploads in the slots t = phases[m] mod k) whose every-k rule `score`s
-    highest, over all k^M of them; the first in lexicographic order among equals."""
+def tuned_phases(scenario: Scenario, k: int, score: Callable[[NearestBS], float],
+                 retry: bool = False) -> tuple[int, ...]:
+    """The phases (BS m uploads first in slot phases[m]) whose every-k rule (or retry rule)
+    `score`s highest, over all k^M of them; the first in lexicographic order among equals."""
     every = itertools.product(range(k), repeat=scenario.n_bs)
-    return max(every, key=lambda phases: score(NearestBS(scenario, k, phases=phases)))
+    return max(every, key=lambda phases: score(NearestBS(scenario, k, phases=phases, retry=retry)))
 
 
 def baseline_policies(scenario: Scenario, upload_periods: tuple[int, ...], seed: int = 0,
                       oracle: bool = True, score: Callable[[NearestBS], float] | None = None,
                       tuned_max: int = 0) -> list:
-    """The standard comparison set: random; nearest-BS uploading always, never, and every k
-    slots for each k of `upload_periods`, synchronised, staggered and, given `score` (e.g.
-    the team reward on validation episodes), with `tuned_phases` for each k whose k^M
-    assignments number at most `tuned_max` (named nearest-every-k-tuned); the myopic oracle."""
+    """The standard comparison set: random; nearest-BS uploading always, never, every k slots
+    for each k of `upload_periods` and k slots after the last success, retrying a failed
+    upload (each k >= 2), synchronised, staggered and, given `score` (e.g. the team reward on
+    validation episodes), with `tuned_phases` for each k whose k^M assignments number at
+    most `tuned_max` (named nearest-every-k-tuned, nearest-retry-k-tuned); the myopic oracle."""
     policies = [RandomValid(seed), NearestBS(scenario, "always"), NearestBS(scenario, "never")]
-    policies += [NearestBS(scenario, k) for k in upload_periods]
-    policies += [NearestBS(scenario, k, staggered=True) for k in upload_periods]
-    if score is not None:
-        for k in upload_periods:
-            if k ** scenario.n_bs <= tuned_max:
-                tuned = NearestBS(scenario, k, phases=tuned_phases(scenario, k, score))
-                tuned.name = f"nearest-every-{k}-tuned"
-                policies.append(tuned)
+    for retry in (False, True):
+        periods = [k for k in upload_periods if k >= 2] if retry else list(upload_periods)
+        policies += [NearestBS(scenario, k, retry=retry) for k in periods]
+        policies += [NearestBS(scenario, k, staggered=True, retry=retry) for k in periods]
+        if score is not None:
+            for k in periods:
+                if k ** scenario.n_bs <= tuned_max:
+                    tuned = NearestBS(scenario, k, phases=tuned_phases(scenario, k, score, retry), retry=retry)
+                    tuned.name = f"nearest-{'retry' if retry else 'every'}-{k}-tuned"
+                    policies.append(tuned)
     if oracle:
         policies.append(MyopicOracle(scenario))
     return policies

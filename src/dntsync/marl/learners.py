@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from dntsync.env.actions import decode, encode, random_valid
 from dntsync.env.core import SlotState
 from dntsync.errors import RunError
-from dntsync.marl.networks import AgentQNets, with_upload_offsets
+from dntsync.marl.networks import AgentQNets, with_retry_offsets, with_upload_offsets
 from dntsync.marl.replay import EpisodeBatch
 
 
@@ -119,7 +119,8 @@ class QPolicy:
 
     def __init__(self, nets: AgentQNets, epsilon: float = 0.0,
                  rng: np.random.Generator | None = None, name: str = "greedy",
-                 exploration: str = "action", offsets: Tensor | None = None) -> None:
+                 exploration: str = "action", offsets: Tensor | None = None,
+                 retry: tuple[Tensor, Tensor, Tensor] | None = None) -> None:
         self.nets = nets
         self.epsilon = epsilon
         self.rng = rng if rng is not None else np.random.default_rng(0)
@@ -128,6 +129,9 @@ class QPolicy:
         # `[M, K]`: added to BS m's upload term in slot t at column t mod K (`with_upload_offsets`;
         # none while exploring: the offsets are fitted after training)
         self.offsets = offsets
+        # (offsets [M, K], head start [M], episode length): read by the slots since each BS's
+        # last successful upload (`with_retry_offsets`; none while exploring)
+        self.retry = retry
         self.state: Tensor | None = None
         self.slot = 0
 
@@ -143,6 +147,8 @@ class QPolicy:
         outputs = self.nets.head_outputs(hidden, obs)
         if self.offsets is not None:
             outputs = with_upload_offsets(outputs, self.offsets, self.slot)
+        if self.retry is not None:
+            outputs = with_retry_offsets(outputs, obs, *self.retry, self.slot)
         self.slot += 1
         _, greedy = self.nets.masked_max(outputs, torch.as_tensor(state.covered))
         actions = greedy.numpy()
@@ -197,7 +203,7 @@ class QLearner(pl.LightningModule):
                  epsilon_decay_epochs: int = 50, exploration: str = "action",
                  user_dim: int = 3, state_dim: int = 0, reward_centering: float = 0.0,
                  association: dict | None = None, error_gamma: float = 0.0,
-                 upload_phases: int = 0) -> None:
+                 upload_phases: int = 0, retry_slots: int = 0, episode_length: int = 0) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False  # two optimisers with `sparse_head`: see training_step
@@ -215,6 +221,13 @@ class QLearner(pl.LightningModule):
             raise ValueError("upload offsets need a per-bit head (branching or factorised), not flat")
         if upload_phases > 0:  # b[m, t mod K], fitted after training (`dntsync.marl.offsets`)
             self.register_buffer("upload_offsets", torch.zeros(n_agents, upload_phases))
+        if retry_slots > 0 and self.mixer is not None:  # b[m, slots since the last success],
+            # fitted after training for a team score (`dntsync.marl.offsets`)
+            if upload_phases <= 0 or episode_length <= 0:
+                raise ValueError("retry offsets need upload offsets and the episode length")
+            self.register_buffer("retry_offsets", torch.zeros(n_agents, retry_slots))
+            self.register_buffer("retry_head_start", torch.zeros(n_agents))
+            self.register_buffer("retry_scale", torch.tensor(float(episode_length)))
         if reward_centering > 0:  # the reward's running mean, saved with the model (resumes exactly)
             size = n_agents if self.mixer is None else 1
             self.register_buffer("reward_centre", torch.full((size,), float("nan")))
@@ -236,15 +249,26 @@ class QLearner(pl.LightningModule):
         return QPolicy(self.online, self.epsilon(epoch), rng, name=f"{self.algo}-explore",
                        exploration=self.hparams.exploration)
 
-    def greedy_policy(self, offsets: Tensor | None = None) -> QPolicy:
-        """The BSs' greedy policy, with the learner's upload offsets or the given `[M, K]` ones."""
+    def greedy_policy(self, offsets: Tensor | None = None,
+                      retry: tuple[Tensor, Tensor, Tensor] | None = None) -> QPolicy:
+        """The BSs' greedy policy, with the learner's upload offsets and retry offsets or the
+        given ones (`[M, K]`; `(offsets [M, K], head start [M], episode length)`)."""
         return QPolicy(self.online, 0.0, name=self.algo,
-                       offsets=self.offsets if offsets is None else offsets)
+                       offsets=self.offsets if offsets is None else offsets,
+                       retry=self.retry if retry is None else retry)
 
     @property
     def offsets(self) -> Tensor | None:
         """The upload offsets `[M, K]` (zero until fitted), or None without them."""
         return getattr(self, "upload_offsets", None)
+
+    @property
+    def retry(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        """`(offsets [M, K], head start [M], episode length)` read by the slots since each BS's
+        last successful upload (zero until fitted), or None without them."""
+        if getattr(self, "retry_offsets", None) is None:
+            return None
+        return self.retry_offsets, self.retry_head_start, self.retry_scale
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Resuming under another `marl.upload_offsets` (a change a resumed run may make): the
@@ -253,10 +277,12 @@ class QLearner(pl.LightningModule):
         state = checkpoint["state_dict"]
         for nets in ("online", "target"):  # a model file from before `serve_covered`: the learnt terms
             state.setdefault(f"{nets}.serve_covered", torch.zeros(()))
-        if self.offsets is None:
-            state.pop("upload_offsets", None)
-        elif getattr(state.get("upload_offsets"), "shape", None) != self.offsets.shape:
-            state["upload_offsets"] = torch.zeros_like(self.offsets)
+        for name in ("upload_offsets", "retry_offsets", "retry_head_start", "retry_scale"):
+            mine = getattr(self, name, None)
+            if mine is None:
+                state.pop(name, None)
+            elif getattr(state.get(name), "shape", None) != mine.shape or name == "retry_scale":
+                state[name] = torch.zeros_like(mine) if name != "retry_scale" else mine.clone()
 
     # ------------------------------------------------------------------ the update
     def mixed(self, chosen_q: Tensor, next_q: Tensor, batch: EpisodeBatch) -> tuple[Tensor, Tensor]:

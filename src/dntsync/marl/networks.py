@@ -444,23 +444,49 @@ def with_upload_offsets(outputs: Tensor, offsets: Tensor, slots: int | Tensor) -
     return out
 
 
+def with_retry_offsets(outputs: Tensor, obs: Tensor, offsets: Tensor, head_start: Tensor, scale: Tensor,
+                       slots: int | Tensor) -> Tensor:
+    """A per-bit head's outputs with BS m's upload term raised by `offsets[m, j]` (`[M, K]`),
+    j the slots since its last successful upload capped at K - 1: the observation's last
+    number (`DntEnv` "full": slots since / `scale`, the episode length), counted from
+    `head_start[m]` more while the BS has not yet succeeded (that count equals the slot
+    index). At +-force, `offsets[m, j] = +force` for j >= k - 1 and `head_start[m] = k - 1 -
+    phase_m` play `NearestBS(k, retry=True)` with those phases. `slots` as in
+    `with_upload_offsets` (`obs` `[..., M, D]` or `[..., T, M, D]`); a new tensor."""
+    out = outputs.clone()
+    since = torch.round(obs[..., -1] * scale)  # [..., M] or [..., T, M]
+    slot = torch.as_tensor(slots, dtype=since.dtype)
+    slot = slot[:, None] if slot.dim() else slot  # [T, 1]: one slot per row of T
+    since = torch.where(since == slot, since + head_start, since)
+    j = since.clamp(0, offsets.shape[1] - 1).long()
+    out[..., 1] += offsets[torch.arange(offsets.shape[0]), j].to(out.dtype)
+    return out
+
+
 class GreedyActions(nn.Module):
     """The BSs' greedy actions from their observations: what a trained learner does, as one
     module (the MLflow model of a run). `obs[B, T, M, D]` (an episode's slots from the start,
     float32) -> `actions[B, T, M]` (int64, `dntsync.env.actions` codes, masked to the users
     each BS covers)."""
 
-    def __init__(self, nets: AgentQNets, offsets: Tensor | None = None) -> None:
+    def __init__(self, nets: AgentQNets, offsets: Tensor | None = None,
+                 retry: tuple[Tensor, Tensor, Tensor] | None = None) -> None:
         super().__init__()
         self.nets = copy.deepcopy(nets).requires_grad_(False)
         # BS m's upload term + offsets[m, t mod K] in slot t (the learner's upload offsets)
         self.register_buffer("offsets", None if offsets is None else offsets.detach().clone())
+        # + retry_offsets[m, j], j the slots since its last success (`with_retry_offsets`)
+        for name, value in zip(("retry_offsets", "retry_head_start", "retry_scale"), retry or (None,) * 3):
+            self.register_buffer(name, None if value is None else value.detach().clone())
 
     @torch.no_grad()
     def forward(self, obs: Tensor) -> Tensor:
         outputs = self.nets.head_outputs(self.nets.unroll(obs), obs)
         if self.offsets is not None:
             outputs = with_upload_offsets(outputs, self.offsets, torch.arange(obs.shape[1]))
+        if self.retry_offsets is not None:
+            outputs = with_retry_offsets(outputs, obs, self.retry_offsets, self.retry_head_start,
+                                         self.retry_scale, torch.arange(obs.shape[1]))
         covered = self.nets.users(obs)[..., COVERED_FEATURE] > 0.5
         return self.nets.masked_max(outputs, covered)[1]
 

@@ -27,6 +27,12 @@ Before the offsets, whom the BSs serve: each covered user, or the learnt serve t
 an overlap user, leant towards the nearest BS as far as the validation episodes ask
 (`marl.network.association_slopes`).
 
+Then, with a team score, the retry rules (upload k slots after the last success, then in every
+slot until one succeeds) through offsets read by the slots since each BS's last success
+(`fit_retry_offsets`, `dntsync.marl.networks.with_retry_offsets`): the best of them replaces
+the slot offsets if it scores higher on the validation episodes; uploads fail often where
+RBs are scarce, and a clock does not retry a failed one.
+
 Among choices that score the same on the validation episodes every fit keeps the nearest-BS
 rule's: serving every covered user, the largest slope, and of the starts the rules'
 schedules (every BS uploading always or never, forced by `force`, every K slots or every p)
@@ -84,11 +90,12 @@ class _CountUploads:
         return actions
 
 
-def play(learner, validation: Evaluation, offsets: torch.Tensor) -> Play:
-    """The greedy policy with `offsets` `[M, K]` on `validation`'s episodes: each BS's score
-    (`Play.scores`) and upload shares per phase."""
+def play(learner, validation: Evaluation, offsets: torch.Tensor, retry: tuple | None = None) -> Play:
+    """The greedy policy with `offsets` `[M, K]` (and the learner's retry offsets, or
+    `retry`) on `validation`'s episodes: each BS's score (`Play.scores`) and upload shares
+    per phase."""
     n_bs, n_phases = offsets.shape
-    policy = _CountUploads(learner.greedy_policy(offsets), n_bs, n_phases)
+    policy = _CountUploads(learner.greedy_policy(offsets, retry), n_bs, n_phases)
     local = learner.mixer is None
     played = [rollout(env, policy, seed=s, record=local)
               for env, s in zip(validation.envs, validation.seeds)]
@@ -99,9 +106,9 @@ def play(learner, validation: Evaluation, offsets: torch.Tensor) -> Play:
     return Play(per_bs, policy.uploads / np.maximum(policy.slots, 1))
 
 
-def scores(learner, validation: Evaluation, offsets: torch.Tensor) -> np.ndarray:
+def scores(learner, validation: Evaluation, offsets: torch.Tensor, retry: tuple | None = None) -> np.ndarray:
     """`[M]`: the score of each BS's offsets (`play(...).scores`)."""
-    return play(learner, validation, offsets).scores
+    return play(learner, validation, offsets, retry).scores
 
 
 def _current_offsets(learner) -> torch.Tensor:
@@ -164,9 +171,51 @@ def phase_starts(n_bs: int, n_phases: int, grid: tuple[float, ...],
     return [*starts, torch.zeros(n_bs, n_phases)]
 
 
+def retry_starts(n_bs: int, periods: tuple[int, ...], force: float, width: int,
+                 tuned_max: int = 0) -> list[tuple[int, tuple[int, ...], torch.Tensor, torch.Tensor]]:
+    """The retry rules as retry offsets `[M, width]` at +-force: `(k, phases, offsets, head
+    start)` for each k of `periods`, synchronised (phase 0) and staggered (`NearestBS`'s), or
+    every assignment of the BSs to a first upload slot (lexicographic) where k^M <=
+    `tuned_max`, as the tuned heuristics; `dntsync.marl.networks.with_retry_offsets` then
+    plays `NearestBS(k, phases=..., retry=True)`."""
+    out = []
+    for k in periods:
+        every = (list(itertools.product(range(k), repeat=n_bs)) if k ** n_bs <= tuned_max
+                 else [(0,) * n_bs, staggered_phases(n_bs, k)])
+        for phases in every:
+            offsets = torch.full((n_bs, width), float(force))
+            offsets[:, :k - 1] = -float(force)
+            out.append((k, phases, offsets, k - 1 - torch.tensor(phases, dtype=torch.float32)))
+    return out
+
+
+def fit_retry_offsets(learner, validation: Evaluation, periods: tuple[int, ...], force: float,
+                      than: float, tuned_max: int = 0) -> dict:
+    """After the slot offsets' search: play every retry rule (`retry_starts`) through the
+    learner with zero slot offsets on `validation`; keep the best (the first among equals)
+    in the learner's retry offsets, and zero its slot offsets, only if it scores above
+    `than` (the slot offsets' score; the learner's mean). No walk follows: on the 93a1bb4
+    models it fitted the validation episodes and lost held-out reward (docs/learners.md)."""
+    retry_offsets, head_start, scale = learner.retry
+    zero = torch.zeros_like(learner.upload_offsets)
+    played = []
+    for k, phases, offsets, head in retry_starts(len(head_start), periods, force, retry_offsets.shape[1],
+                                                 tuned_max):
+        score = float(play(learner, validation, zero, (offsets, head, scale)).scores.mean())
+        played.append((score, k, phases, offsets, head))
+    score, k, phases, offsets, head = max(played, key=lambda p: p[0])
+    kept = score > than
+    if kept:
+        learner.upload_offsets.zero_()
+        retry_offsets.copy_(offsets)
+        head_start.copy_(head)
+    return {"k": k, "phases": list(phases), "validation": score, "kept": kept, "validation_plays": len(played)}
+
+
 def fit_upload_offsets(learner, validation: Evaluation, grid: tuple[float, ...], passes: int = 1,
                        phases: int | None = None, periods: tuple[int, ...] = (),
-                       force: float | None = None) -> dict:
+                       force: float | None = None, retry_periods: tuple[int, ...] = (),
+                       retry_tuned_max: int = 0) -> dict:
     """Fit `learner.upload_offsets` `[M, K]` in place: from the best of `phase_starts` for a
     team score (VDN, QMIX; `phases` defaults to K, `periods` must divide K), from zero for
     BSs that score themselves (IQL: no BS picks the others' phases), at most `passes` passes
@@ -175,7 +224,8 @@ def fit_upload_offsets(learner, validation: Evaluation, grid: tuple[float, ...],
     the learner keeps the `[M, p]` offsets repeated over its K columns. Return the record:
     those K columns, p, the validation score with zero offsets and after (the team's, or the
     BSs' mean local reward) and the number of validation plays (each set of offsets is
-    played once)."""
+    played once). With `retry_periods` and the learner's retry offsets (a team score, `force`
+    given), then `fit_retry_offsets`: the record's "retry"."""
     grid = [float(g) for g in grid]
     played: dict[tuple, Play] = {}
 
@@ -218,6 +268,14 @@ def fit_upload_offsets(learner, validation: Evaluation, grid: tuple[float, ...],
         if not moved:
             break
     learner.upload_offsets.copy_(offsets.repeat(1, cycle // offsets.shape[1]))
-    return {"offsets": learner.upload_offsets.tolist(), "period": offsets.shape[1], "validation_before": before,
-            "validation_after": float(current.scores.mean()), "validation_plays": len(played),
-            "validation_episodes": validation.n_episodes, "validation_seeds": validation.seeds}
+    after = float(current.scores.mean())
+    retry = None
+    if retry_periods and force and learner.retry is not None:
+        retry = fit_retry_offsets(learner, validation, retry_periods, force, after, retry_tuned_max)
+        after = max(after, retry["validation"])
+    record = {"offsets": learner.upload_offsets.tolist(), "period": offsets.shape[1], "validation_before": before,
+              "validation_after": after, "validation_plays": len(played) + (retry["validation_plays"] if retry else 0),
+              "validation_episodes": validation.n_episodes, "validation_seeds": validation.seeds}
+    if retry is not None:
+        record["retry"] = retry
+    return record

@@ -79,6 +79,7 @@ def build_learner(cfg: Config, algo: str, env: DntEnv) -> QLearner:
         # QMIX keeps one Q per BS: its mixer is not a sum (docs/learners.md, "The error value")
         error_gamma=mc.algorithm.error_gamma if LEARNERS[algo].additive else 0.0,
         upload_phases=mc.upload_offsets.cycle,
+        retry_slots=mc.upload_offsets.retry_slots, episode_length=cfg.scenario.episode_length,
     )
 
 
@@ -393,7 +394,7 @@ def fit_marl(cfg: Config, *, algo: str | None = None, seed: int | None = None,
             slope = fit_association_slope(learner, validation, slopes)
         if learner.offsets is not None:
             offsets = fit_upload_offsets(learner, validation, uo.grid, uo.passes, uo.phases, uo.periods,
-                                         uo.force)
+                                         uo.force, uo.retry_periods, uo.retry_tuned_max)
         final = data.evaluation.run(learner.greedy_policy())
         if not all(math.isfinite(v["mean"]) for v in final.values()):
             raise RunError(f"{algo} seed {seed}: the final evaluation is not finite "
@@ -473,8 +474,8 @@ def log_policy_model(learner: QLearner, obs_dim: int, n_bs: int, registered: str
     `mlflow.pytorch.load_model(f"runs:/<run id>/policy")` loads it where dntsync is installed."""
     from dntsync.marl.networks import GreedyActions
 
-    log_torch_model(GreedyActions(learner.online, learner.offsets), "policy", torch.zeros(1, 1, n_bs, obs_dim),
-                    registered)
+    log_torch_model(GreedyActions(learner.online, learner.offsets, learner.retry), "policy",
+                    torch.zeros(1, 1, n_bs, obs_dim), registered)
 
 
 def default_where() -> dict[str, str]:

@@ -329,7 +329,8 @@ def build(cfg: Config) -> str:
     if bars:
         lines += ["## Do the learners learn the task?", "",
                   "VDN's greedy team reward beside the best heuristic (the best of nearest-BS "
-                  "always / never / every k slots, synchronised, staggered or with the BSs' "
+                  "always / never / every k slots / k slots after its last successful upload, "
+                  "retrying a failed one, synchronised, staggered or with the BSs' "
                   "phases tuned on validation episodes (the best of all k^M assignments, where "
                   f"k^M <= {cfg.marl.evaluation.tuned_max}), k in "
                   f"{list(cfg.marl.evaluation.upload_periods)}) and the myopic oracle (centralised, sees "
