@@ -37,7 +37,7 @@ ROWS: list[tuple[str, list[str]]] = [
                "marl.collection.epsilon_end=0.05", "marl.algorithm.target_update_epochs=2",
                "marl.algorithm.error_gamma=0", "marl.upload_offsets.phases=0",
                "marl.network.association_slopes=[]", "marl.algorithm.batches_per_epoch=24",
-               "marl.network.serve_covered_fit=false"]),
+               "marl.network.serve_covered_fit=false", "marl.upload_offsets.retry_periods=[]"]),
     ("upload-state", ["env.observation=full"]),
     ("branching-head", ["marl.network.head=branching"]),
     ("bs-frame", ["env.obs_frame=bs"]),
@@ -53,6 +53,7 @@ ROWS: list[tuple[str, list[str]]] = [
     ("16-batches", ["marl.algorithm.batches_per_epoch=16"]),
     ("longer-cycles", ["marl.upload_offsets.periods=[5,10]"]),
     ("serve-covered", ["marl.network.serve_covered_fit=true"]),
+    ("retry-uploads", ["marl.upload_offsets.retry_periods=[2,3,4,5,6,10]"]),
 ]
 
 
@@ -61,7 +62,8 @@ ROWS: list[tuple[str, list[str]]] = [
 LEAVE_ONE_OUT: list[tuple[str, list[str]]] = [
     ("area-frame", ["env.obs_frame=area"]),
     ("action-exploration", ["marl.collection.exploration=action", "marl.collection.epsilon_start=0.5"]),
-    ("positions-only", ["env.observation=positions_only"]),
+    # without the upload state the retry offsets have nothing to read: off too
+    ("positions-only", ["env.observation=positions_only", "marl.upload_offsets.retry_periods=[]"]),
 ]
 
 

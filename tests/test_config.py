@@ -112,6 +112,10 @@ def test_to_dict_round_trips():
         ({"marl": {"upload_offsets": {"periods": [5, 1]}}}, "marl.upload_offsets.periods", "[5, 1]"),
         ({"marl": {"upload_offsets": {"periods": [2, 5]}}}, "marl.upload_offsets.periods", "[2, 5]"),
         ({"marl": {"evaluation": {"tuned_max": -1}}}, "marl.evaluation.tuned_max", "-1"),
+        # the retry offsets: periods of two slots or more; they read the "full" observation
+        ({"marl": {"upload_offsets": {"retry_periods": [3, 1]}}}, "marl.upload_offsets.retry_periods", "[3, 1]"),
+        ({"marl": {"upload_offsets": {"retry_tuned_max": -1}}}, "marl.upload_offsets.retry_tuned_max", "-1"),
+        ({"env": {"observation": "positions_only"}}, "marl.upload_offsets.retry_periods", "[2, 3, 4, 5, 6, 10]"),
         ({"marl": {"network": {"association_slopes": [1.0, 3.0]}}}, "marl.network.association_slopes", "[1.0, 3.0]"),
         ({"marl": {"network": {"association_slopes": [0.0, 3.0, 1.0]}}}, "marl.network.association_slopes", "[0.0, 3.0, 1.0]"),
     ],
