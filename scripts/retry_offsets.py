@@ -22,17 +22,15 @@ episodes (paired):
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 
-import numpy as np
 import torch
 
 from dntsync.config import load_config
 from dntsync.env.evaluate import Evaluation
-from dntsync.env.policies import staggered_phases
 from dntsync.marl.learners import QPolicy
+from dntsync.marl.offsets import retry_starts as learner_retry_starts
 from dntsync.marl.training import RunPaths, load_q_networks
 from dntsync.twin.predictor import build_predictor
 from offsets_search import settings  # scripts/: the Fig. 3 setting and every sweep point
@@ -41,44 +39,22 @@ from retry_rules import need_full_observation, parse_arguments, per_episode, wri
 torch.set_num_threads(1)
 
 
-class RetryOffsets(QPolicy):
+def retry_policy(nets, offsets: torch.Tensor, phases: tuple[int, ...], episode_length: int) -> QPolicy:
     """The greedy policy with BS m's upload term raised by `offsets[m, j]`, j the slots since
-    its last success (from its observation's last number x T) capped at k - 1, counted from
-    k - 1 - phases[m] before its first success."""
-
-    def __init__(self, nets, offsets: torch.Tensor, phases: tuple[int, ...], episode_length: int) -> None:
-        super().__init__(nets, 0.0, name="retry-offsets")
-        self.retry_offsets, self.episode_length = offsets, episode_length
-        self.head_start = offsets.shape[1] - 1 - torch.as_tensor(phases)  # [M]
-
-    @torch.no_grad()
-    def act(self, state, obs: np.ndarray) -> np.ndarray:
-        obs = torch.as_tensor(obs)
-        hidden = self.nets.unroll(obs[:, None], self.state)[:, 0]
-        self.state = hidden
-        outputs = self.nets.head_outputs(hidden, obs).clone()
-        since = torch.round(obs[..., -1] * self.episode_length)  # [B, M]
-        since = torch.where(since == self.slot, since + self.head_start, since)
-        j = since.clamp(0, self.retry_offsets.shape[1] - 1).long()
-        outputs[..., 1] += self.retry_offsets[torch.arange(self.retry_offsets.shape[0]), j].to(outputs.dtype)
-        self.slot += 1
-        _, greedy = self.nets.masked_max(outputs, torch.as_tensor(state.covered))
-        return greedy.numpy()
+    its last success capped at k - 1, counted from k - 1 - phases[m] before its first success
+    (`dntsync.marl.networks.with_retry_offsets`)."""
+    head_start = offsets.shape[1] - 1 - torch.as_tensor(phases)  # [M]
+    return QPolicy(nets, 0.0, name="retry-offsets", retry=(offsets, head_start, episode_length))
 
 
 def retry_starts(n_bs: int, periods: tuple[int, ...], force: float,
                  tuned_max: int = 0) -> list[tuple[torch.Tensor, tuple[int, ...]]]:
     """`(offsets [M, k], phases)` of nearest-retry-k at +-force, synchronised and staggered,
-    or every assignment of the BSs to a first upload slot where k^M <= `tuned_max`."""
-    out = []
-    for k in periods:
-        every = (list(itertools.product(range(k), repeat=n_bs)) if k ** n_bs <= tuned_max
-                 else [(0,) * n_bs, staggered_phases(n_bs, k)])
-        for phases in every:
-            offsets = torch.full((n_bs, k), -float(force))
-            offsets[:, k - 1] = float(force)
-            out.append((offsets, phases))
-    return out
+    or every assignment of the BSs to a first upload slot where k^M <= `tuned_max`: the
+    learner's starts (`dntsync.marl.offsets.retry_starts`), each k columns wide, the walk's
+    coordinates."""
+    return [(offsets, phases) for k in periods
+            for _, phases, offsets, _ in learner_retry_starts(n_bs, (k,), force, k, tuned_max)]
 
 
 def fit(learner, validation: Evaluation, periods: tuple[int, ...], grid: list[float], force: float,
@@ -89,7 +65,7 @@ def fit(learner, validation: Evaluation, periods: tuple[int, ...], grid: list[fl
     def score(offsets: torch.Tensor, phases: tuple[int, ...]) -> float:
         key = (phases, offsets.shape[1], *offsets.flatten().tolist())
         if key not in played:
-            played[key] = float(per_episode(validation, RetryOffsets(learner.online, offsets, phases,
+            played[key] = float(per_episode(validation, retry_policy(learner.online, offsets, phases,
                                                                       episode_length)).mean())
         return played[key]
 
@@ -138,8 +114,8 @@ def main() -> int:
             run = json.loads(paths.metrics.read_text())
             got = fit(learner, validation, tuple(args.periods), [float(g) for g in uo.grid], uo.force, length,
                       args.tuned_max)
-            start = RetryOffsets(learner.online, got["start"], got["phases"], length)
-            walked = RetryOffsets(learner.online, got["offsets"], got["phases"], length)
+            start = retry_policy(learner.online, got["start"], got["phases"], length)
+            walked = retry_policy(learner.online, got["offsets"], got["phases"], length)
             runs_fit = per_episode(holdout, learner.greedy_policy())
             gain = per_episode(holdout, walked) - runs_fit
             start_gain = per_episode(holdout, start) - runs_fit

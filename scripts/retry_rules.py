@@ -1,6 +1,6 @@
-"""Rules that upload by the time since the BS's last successful upload, against the pipeline's
-heuristics and VDN: measured, not yet in the heuristic set (docs/learners.md, "A stronger
-rule: retrying a failed upload").
+"""Rules that upload by the time since the BS's last successful upload, against a run's best
+heuristic and VDN (docs/learners.md, "A stronger rule: retrying a failed upload"; since
+f1516bf the heuristic set holds them too: `NearestBS(k, retry=True)`, which this plays).
 
 The pipeline's heuristics upload on a fixed clock (always, never, every k slots). The rule
 `nearest-retry-k` serves as the nearest-BS rule does and lets BS m upload k slots after its
@@ -24,16 +24,14 @@ evaluation episodes too, whose paired standard error is the resolution of their 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 
 import numpy as np
 
 from dntsync.config import load_config
-from dntsync.env.actions import encode
 from dntsync.env.evaluate import Evaluation, as_episode_policy, rollout
-from dntsync.env.policies import baseline_policies, nearest_association, staggered_phases
+from dntsync.env.policies import NearestBS, baseline_policies, tuned_phases
 from dntsync.files import write_json
 from dntsync.marl.training import RunPaths
 from dntsync.stages.report import against_heuristic
@@ -41,38 +39,15 @@ from dntsync.twin.predictor import build_predictor
 from offsets_search import settings  # scripts/: the Fig. 3 setting and every sweep point
 
 
-class RetryRule:
-    """Nearest-BS association; BS m uploads k slots after its last successful upload and in
-    every slot after that until one succeeds; before its first success in the episode, from
-    slot phases[m] on. The slots since its last success are its own observation's last
-    number (/ T): t when none has succeeded yet."""
-
-    def __init__(self, scenario, k: int, phases: tuple[int, ...], name: str) -> None:
-        self.scenario, self.k, self.name = scenario, k, name
-        self.phases = np.asarray(phases)  # [M]
-
-    def begin_episode(self, n_envs: int) -> None:
-        pass
-
-    def act(self, state, obs: np.ndarray) -> np.ndarray:
-        serve = nearest_association(self.scenario, state.user_xy, state.covered)
-        since = np.rint(obs[..., -1] * self.scenario.episode_length)  # [B, M]
-        upload = np.where(since == state.t, state.t >= self.phases, since >= self.k - 1)
-        return encode(upload, serve)
-
-
-def retry_rules(scenario, periods: tuple[int, ...], score=None, tuned_max: int = 0) -> list[RetryRule]:
-    """The retry rule for each k, synchronised (phase 0) and staggered (as `NearestBS`) and,
-    given `score`, with the phases that score highest over all k^M assignments where k^M <=
-    `tuned_max` (the first in lexicographic order among equals; as the tuned heuristics)."""
+def retry_rules(scenario, periods: tuple[int, ...], score=None, tuned_max: int = 0) -> list[NearestBS]:
+    """`NearestBS(k, retry=True)` for each k, synchronised (phase 0) and staggered and, given
+    `score`, with `tuned_phases` where k^M <= `tuned_max` (as the tuned heuristics)."""
     out = []
     for k in periods:
-        out.append(RetryRule(scenario, k, (0,) * scenario.n_bs, f"nearest-retry-{k}"))
-        out.append(RetryRule(scenario, k, staggered_phases(scenario.n_bs, k), f"nearest-retry-{k}-staggered"))
+        out += [NearestBS(scenario, k, retry=True), NearestBS(scenario, k, staggered=True, retry=True)]
         if score is not None and k ** scenario.n_bs <= tuned_max:
-            every = itertools.product(range(k), repeat=scenario.n_bs)
-            phases = max(every, key=lambda p: score(RetryRule(scenario, k, p, "")))
-            out.append(RetryRule(scenario, k, phases, f"nearest-retry-{k}-tuned"))
+            out.append(NearestBS(scenario, k, phases=tuned_phases(scenario, k, score, retry=True), retry=True))
+            out[-1].name = f"nearest-retry-{k}-tuned"
     return out
 
 

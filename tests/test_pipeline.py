@@ -205,19 +205,19 @@ def test_retry_rules_play_against_the_runs_heuristic_and_retry_a_failed_upload(p
     assert math.isfinite(row["evaluation_gain"]) and row["evaluation_se"] >= 0
 
     monkeypatch.syspath_prepend(str(REPO_ROOT / "scripts"))
-    from retry_rules import RetryRule
+    from retry_rules import retry_rules
 
     # the default scenario (U = 12), where uploads fail often enough to meet retries
     scenario = Scenario()
     env = DntEnv(scenario, HoldLast(), n_envs=64, seed=5, observation="full")
     k, phases = 3, staggered_phases(scenario.n_bs, 3)
-    rule = RetryRule(scenario, k, phases, "retry")
+    rule = next(r for r in retry_rules(scenario, (k,)) if r.name == f"nearest-retry-{k}-staggered")
     obs, _ = env.reset()
     last_ok = np.full((64, scenario.n_bs), -1)  # slot of each BS's last success, -1: none yet
     failed = 0
     for t in range(scenario.episode_length):
         expected = np.where(last_ok < 0, t >= np.array(phases), t >= last_ok + k)
-        result = env.step(rule.act(env.state, obs))
+        result = env.step(rule.act(env.state))
         assert (result.outcome.upload == expected).all(), t
         failed += int((result.outcome.upload & ~result.outcome.upload_ok).sum())
         last_ok = np.where(result.outcome.upload_ok, t, last_ok)
@@ -252,8 +252,9 @@ def test_retry_offsets_at_force_play_the_retry_rule_through_the_learner(project,
 
     monkeypatch.chdir(project)
     monkeypatch.syspath_prepend(str(REPO_ROOT / "scripts"))
-    from retry_offsets import RetryOffsets, retry_starts
-    from retry_rules import RetryRule
+    from retry_offsets import retry_policy, retry_starts
+
+    from dntsync.env.policies import NearestBS
 
     cfg = load_config(project / "conf/params.yaml")
     predictor, _ = build_predictor(cfg)
@@ -263,13 +264,13 @@ def test_retry_offsets_at_force_play_the_retry_rule_through_the_learner(project,
     length = cfg.scenario.episode_length
     for offsets, phases in retry_starts(cfg.scenario.n_bs, (2, 3), cfg.marl.upload_offsets.force):
         env = DntEnv(cfg.scenario, predictor, n_envs=16, seed=7, **cfg.env.observation_options())
-        mine = RetryOffsets(learner.online, offsets, phases, length)
-        rule = RetryRule(cfg.scenario, offsets.shape[1], phases, "retry")
+        mine = retry_policy(learner.online, offsets, phases, length)
+        rule = NearestBS(cfg.scenario, offsets.shape[1], phases=phases, retry=True)
         obs, _ = env.reset()
         mine.begin_episode(16)
         for _ in range(length):
             actions = mine.act(env.state, obs)
-            np.testing.assert_array_equal(actions, rule.act(env.state, obs))
+            np.testing.assert_array_equal(actions, rule.act(env.state))
             obs = env.step(actions).obs
 
 
