@@ -10,7 +10,7 @@ Speed without changing the answer: an RB that no earlier BS uses is interference
 it gives every user its best possible rate. When a BS has at least as many such RBs as
 chosen users, giving each user one of them (in index order) attains the upper bound
 sum_u max_n w[u, n], so it is an optimal matching and needs no solver. Only the remaining
-batch entries go to scipy, one call each.
+batch entries go to scipy, one call each, with their weights computed for all of them at once.
 """
 
 from __future__ import annotations
@@ -94,15 +94,21 @@ def allocate(
             first = np.cumsum(n_clean) - n_clean
             alloc[b_idx, m, clean_rb[first[b_idx] + rank[b_idx, m, u_idx]]] = u_idx
 
-        # General case: maximum-weight matching with eq. (2) weights (eq. 18).
-        for b in np.nonzero(~fast & (n_chosen > 0))[0]:
-            users = np.nonzero(chosen[b])[0]
-            rbs = np.nonzero(available[b])[0]
-            interference = scenario.power * np.einsum(
-                "jn,ju->un", earlier[b][:, rbs], gain_user[b, :m][:, users]
-            )
-            weight = shannon_rate(scenario, scenario.power * gain_user[b, m, users, None], interference)
-            r, c = linear_sum_assignment(weight, maximize=True)
-            alloc[b, m, rbs[c]] = users[r]
+        # General case: maximum-weight matching with eq. (2) weights (eq. 18). The weights of
+        # every such batch entry in two array operations; scipy then takes one entry at a time.
+        slow = np.flatnonzero(~fast & (n_chosen > 0))
+        if slow.size:
+            interference = scenario.power * np.einsum("bjn,bju->bun", earlier[slow], gain_user[slow, :m])
+            weight = shannon_rate(scenario, scenario.power * gain_user[slow, m, :, None], interference)
+            slow_available = available[slow]
+            users_of = np.split(np.nonzero(chosen[slow])[1], np.cumsum(n_chosen[slow])[:-1])
+            rbs_of = np.split(np.nonzero(slow_available)[1], np.cumsum(slow_available.sum(axis=-1))[:-1])
+            at_row, at_rb, at_user = [], [], []
+            for b, w, users, rbs in zip(slow, weight, users_of, rbs_of):
+                r, c = linear_sum_assignment(w[users][:, rbs], maximize=True)
+                at_row.append(np.full(r.size, b))
+                at_rb.append(rbs[c])
+                at_user.append(users[r])
+            alloc[np.concatenate(at_row), m, np.concatenate(at_rb)] = np.concatenate(at_user)
         used |= alloc[:, m, :] != FREE
     return alloc.reshape(*batch, n_bs, n_rbs)
