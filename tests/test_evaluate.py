@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -62,6 +64,43 @@ def test_same_episodes_for_every_call_and_seeds_are_seed_plus_batch_index(small)
     assert [env.n_envs for env in evaluation.envs] == [2, 2, 1]
     policy = NearestBS(small, 2)
     assert evaluation.run(policy) == evaluation.run(policy)
+
+
+def test_replicated_batches_play_the_same_episodes_in_every_copy(small):
+    """`Evaluation.replicated(C)`: each batch's environments C times over in one env, copy c
+    holding the same positions and fading as the plain batch; with each copy playing its own
+    policy the copies' numbers are those of the plain batch under that policy."""
+    evaluation = Evaluation(small, Drift(small), n_episodes=5, seed=77, batch_envs=3)
+    envs = evaluation.replicated(3)
+    assert [env.n_envs for env in envs] == [9, 6] and evaluation.replicated(3) is envs
+    policies = [NearestBS(small, "always"), NearestBS(small, "never"), NearestBS(small, 2)]
+
+    class EachCopy:  # copy c of the batch plays policies[c]
+        name = "each"
+
+        def begin_episode(self, n_envs):
+            pass
+
+        def act(self, state, obs):
+            n = state.user_xy.shape[0] // len(policies)
+            assert np.array_equal(state.user_xy[:n], state.user_xy[n:2 * n])
+            return np.concatenate([p.act(_rows(state, slice(c * n, (c + 1) * n)))
+                                   for c, p in enumerate(policies)])
+
+    together = [rollout(env, EachCopy(), seed=s).steps for env, s in zip(envs, evaluation.seeds)]
+    for c, policy in enumerate(policies):
+        for env, seed, n, steps in zip(evaluation.envs, evaluation.seeds, evaluation.sizes, together):
+            alone = rollout(env, StatelessPolicy(policy), seed=seed).steps
+            for k in METRICS:
+                assert np.array_equal(steps[k][c * n:(c + 1) * n], alone[k]), (c, k)
+    with pytest.raises(ValueError, match="replicas"):
+        DntEnv(small, n_envs=5, replicas=2)
+
+
+def _rows(state, rows: slice):
+    """A `SlotState` of some environments of a batch."""
+    return dataclasses.replace(state, **{f.name: getattr(state, f.name)[rows]
+                                         for f in dataclasses.fields(state) if f.name != "t"})
 
 
 def test_rollout_records_valid_transitions_and_adapters(small):

@@ -19,7 +19,7 @@ from dntsync.marl import IQL, VDN, FactorisedHead, FlatHead, QPolicy
 from dntsync.marl.learners import LEARNERS, QMIX, QMixer
 from dntsync.marl.networks import AgentQNets, BranchingHead, GreedyActions, valid_mask, with_upload_offsets
 from dntsync.marl.offsets import (fit_association_slope, fit_retry_offsets, fit_serve_covered, fit_upload_offsets,
-                                  phase_starts, retry_starts, schedule, scores)
+                                  phase_starts, play, play_each, retry_starts, schedule, scores)
 from dntsync.marl.replay import EpisodeBatch, EpisodeReplay
 from dntsync.marl.training import build_learner, fit_marl
 from dntsync.network import Scenario
@@ -802,6 +802,34 @@ def test_retry_offsets_at_force_play_the_retry_rule_and_the_mlflow_model_does_to
         assert np.array_equal(mine.actions, rule.actions)
         model = GreedyActions(learner.online, learner.offsets, learner.retry)
         assert np.array_equal(model(torch.from_numpy(mine.obs)).numpy(), mine.actions)
+
+
+@pytest.mark.parametrize("algo", ["vdn", "iql"])
+def test_offsets_played_together_score_and_upload_as_each_played_alone(algo, monkeypatch):
+    """`play_each` (copies of the validation episodes in one batch, each with its own slot
+    and retry offsets, of several widths, over two batches of episodes, in groups) gives each
+    trial's `play` numbers exactly."""
+    monkeypatch.setattr("dntsync.marl.offsets.PLAYED_TOGETHER", 4)
+    scenario = Scenario(n_users=8, n_rbs=6, episode_length=7)
+    env = DntEnv(scenario, Drift(scenario), n_envs=1, seed=0, obs_frame="bs", user_features=("others",))
+    validation = Evaluation(scenario, Drift(scenario), 5, 500, batch_envs=3, obs_frame="bs",
+                            user_features=("others",))
+    torch.manual_seed(0)
+    learner = LEARNERS[algo](n_agents=scenario.n_bs, obs_dim=env.obs_dim, n_users=scenario.n_users,
+                             hidden=8, head="branching", user_dim=env.user_dim, association=env.layout(),
+                             upload_phases=10, retry_slots=3, episode_length=scenario.episode_length)
+    zero = torch.zeros(scenario.n_bs, 2)
+    trials = [(start, None) for start in phase_starts(scenario.n_bs, 2, (-1.0, 0.0, 1.0), (5,), 100.0)]
+    retry = learner.retry or (torch.zeros(scenario.n_bs, 3), torch.zeros(scenario.n_bs), None)
+    trials += [(zero, (offsets, head, retry[2])) for _, _, offsets, head in retry_starts(scenario.n_bs, (2, 3), 100.0, 3)]
+    if learner.retry is None:  # IQL: no retry offsets
+        trials = [t for t in trials if t[1] is None]
+    assert len({t[0].shape[1] for t in trials}) == 3 and len(trials) > 4
+    together = play_each(learner, validation, trials)
+    for (offsets, retry), got in zip(trials, together):
+        alone = play(learner, validation, offsets, retry)
+        assert np.array_equal(got.scores, alone.scores) and np.array_equal(got.uploads, alone.uploads)
+    assert len({tuple(p.scores) for p in together}) > 1  # the trials differ
 
 
 def test_the_retry_fit_keeps_the_best_retry_rule_only_above_the_slot_offsets_score():

@@ -71,9 +71,12 @@ class DntEnv:
         observation: str = "full",
         obs_frame: str = "area",
         user_features: tuple[str, ...] = (),
+        replicas: int = 1,
     ) -> None:
         if n_envs < 1:
             raise ValueError(f"n_envs = {n_envs} is invalid: need >= 1")
+        if replicas < 1 or n_envs % replicas:
+            raise ValueError(f"replicas = {replicas} is invalid: need a divisor of n_envs = {n_envs}")
         if observation not in OBSERVATIONS:
             raise ValueError(f"observation = {observation!r} is invalid: choose from {OBSERVATIONS}")
         if obs_frame not in OBS_FRAMES:
@@ -86,6 +89,11 @@ class DntEnv:
         self.scenario = scenario
         self.predictor = predictor if predictor is not None else HoldLast()
         self.n_envs = n_envs
+        # `replicas` copies of the first n_envs / replicas environments, one after another: the
+        # same positions and fading in environment i and i + n_envs / replicas (one draw,
+        # tiled), so that several policies play the same episodes in one batch
+        self.replicas = replicas
+        self._draws = n_envs // replicas
         self.observation = observation
         self.move_probs = move_probabilities(scenario)
         self.obs_frame = obs_frame
@@ -136,15 +144,24 @@ class DntEnv:
         """Start a new episode in every environment; returns `(obs, covered)` of slot 1."""
         if seed is not None:
             self._seed(seed)
-        s0 = initial_positions(self.scenario, self._rng_init, (self.n_envs,))
+        s0 = self._tiled(initial_positions(self.scenario, self._rng_init, (self._draws,)))
         self._history = np.repeat(s0[:, None], self.window, axis=1)  # DNT synchronised
         self._last_ok = np.zeros((self.n_envs, self.n_agents), dtype=bool)
         self._since_ok = np.zeros((self.n_envs, self.n_agents))
-        self._prepare(0, step_positions(self.scenario, s0, self.move_probs, self._rng_moves))
+        self._prepare(0, self._moved(s0))
         return self.observe(), self.state.covered
 
+    def _tiled(self, draw: np.ndarray) -> np.ndarray:
+        """A draw for the first n_envs / replicas environments, for all of them."""
+        return draw if self.replicas == 1 else np.tile(draw, (self.replicas,) + (1,) * (draw.ndim - 1))
+
+    def _moved(self, user_xy: np.ndarray) -> np.ndarray:
+        """The users' next positions (eq. 1): one draw per original environment."""
+        return self._tiled(step_positions(self.scenario, user_xy[: self._draws], self.move_probs,
+                                          self._rng_moves))
+
     def _prepare(self, t: int, user_xy: np.ndarray) -> None:
-        fade_user, fade_cloud = draw_fading(self.scenario, self._rng_fading, (self.n_envs,))
+        fade_user, fade_cloud = map(self._tiled, draw_fading(self.scenario, self._rng_fading, (self._draws,)))
         self.state = SlotState(
             t=t, user_xy=user_xy, covered=coverage(self.scenario, user_xy),
             fade_user=fade_user, fade_cloud=fade_cloud,
@@ -218,7 +235,7 @@ class DntEnv:
             self.state = SlotState(t, st.user_xy, st.covered, st.fade_user, st.fade_cloud, st.prediction,
                                    self._since_ok.copy())
         else:
-            self._prepare(t, step_positions(self.scenario, st.user_xy, self.move_probs, self._rng_moves))
+            self._prepare(t, self._moved(st.user_xy))
         return StepResult(
             obs=self.observe(), covered=self.state.covered, team_reward=out.team_reward,
             local_rewards=out.local_rewards, done=done, outcome=out, info=out.metrics(),

@@ -132,10 +132,22 @@ class Evaluation:
             raise ValueError(f"n_episodes = {n_episodes} is invalid: need >= 1")
         self.n_episodes = n_episodes
         self.seed = seed
-        sizes = [min(batch_envs, n_episodes - start) for start in range(0, n_episodes, batch_envs)]
-        self.envs = [DntEnv(scenario, predictor, n_envs=n, seed=seed + i, observation=observation,
-                             obs_frame=obs_frame, user_features=user_features)
-                     for i, n in enumerate(sizes)]
+        self.sizes = [min(batch_envs, n_episodes - start) for start in range(0, n_episodes, batch_envs)]
+        self._env_options = {"observation": observation, "obs_frame": obs_frame, "user_features": user_features}
+        self.envs = [DntEnv(scenario, predictor, n_envs=n, seed=seed + i, **self._env_options)
+                     for i, n in enumerate(self.sizes)]
+        self._replicated: dict[int, list[DntEnv]] = {}
+
+    def replicated(self, copies: int) -> list[DntEnv]:
+        """`envs` with each batch played `copies` times in one (`DntEnv` `replicas`): copy c of
+        batch i is its environments `[c n_i, (c + 1) n_i)`, on the same episodes as `envs[i]`
+        when reset with the same seed."""
+        if copies not in self._replicated:
+            first = self.envs[0]
+            self._replicated[copies] = [
+                DntEnv(first.scenario, first.predictor, n_envs=n * copies, seed=s, replicas=copies,
+                       **self._env_options) for n, s in zip(self.sizes, self.seeds)]
+        return self._replicated[copies]
 
     @property
     def seeds(self) -> list[int]:

@@ -437,10 +437,11 @@ def with_upload_offsets(outputs: Tensor, offsets: Tensor, slots: int | Tensor) -
     """A per-bit head's outputs (`AgentQNets.head_outputs`; column 1: the upload term) with BS
     m's upload term raised by `offsets[m, t mod K]` in slot t (`offsets` `[M, K]`); a new
     tensor. `slots`: one slot index for outputs `[..., M, F]`, or the slots `[T]` of outputs
-    `[..., T, M, F]`."""
+    `[..., T, M, F]`. With one slot, `offsets` may also be `[B, M, K]`: each environment's own
+    (outputs `[B, M, F]`)."""
     out = outputs.clone()
-    phases = torch.as_tensor(slots) % offsets.shape[1]
-    out[..., 1] += offsets[:, phases].T.to(out.dtype) if phases.dim() else offsets[:, phases].to(out.dtype)
+    phases = torch.as_tensor(slots) % offsets.shape[-1]
+    out[..., 1] += offsets[:, phases].T.to(out.dtype) if phases.dim() else offsets[..., phases].to(out.dtype)
     return out
 
 
@@ -452,14 +453,18 @@ def with_retry_offsets(outputs: Tensor, obs: Tensor, offsets: Tensor, head_start
     `head_start[m]` more while the BS has not yet succeeded (that count equals the slot
     index). At +-force, `offsets[m, j] = +force` for j >= k - 1 and `head_start[m] = k - 1 -
     phase_m` play `NearestBS(k, retry=True)` with those phases. `slots` as in
-    `with_upload_offsets` (`obs` `[..., M, D]` or `[..., T, M, D]`); a new tensor."""
+    `with_upload_offsets` (`obs` `[..., M, D]` or `[..., T, M, D]`); with one slot, `offsets`
+    `[B, M, K]` and `head_start` `[B, M]` may be each environment's own; a new tensor."""
     out = outputs.clone()
     since = torch.round(obs[..., -1] * scale)  # [..., M] or [..., T, M]
     slot = torch.as_tensor(slots, dtype=since.dtype)
     slot = slot[:, None] if slot.dim() else slot  # [T, 1]: one slot per row of T
     since = torch.where(since == slot, since + head_start, since)
-    j = since.clamp(0, offsets.shape[1] - 1).long()
-    out[..., 1] += offsets[torch.arange(offsets.shape[0]), j].to(out.dtype)
+    j = since.clamp(0, offsets.shape[-1] - 1).long()
+    if offsets.dim() == 3:
+        out[..., 1] += offsets.gather(-1, j[..., None])[..., 0].to(out.dtype)
+    else:
+        out[..., 1] += offsets[torch.arange(offsets.shape[0]), j].to(out.dtype)
     return out
 
 
