@@ -120,8 +120,11 @@ def test_report_checks_the_claims_against_the_kept_paper_literal_run_too(project
     row = next(line for line in lines if line.startswith("| VDN's reward over IQL's, Fig. 3")).split("|")
     assert row[3] == row[5] and row[4] == row[6]  # the same run kept as both
     assert any(line.startswith("In the Fig. 3 setting the paper-literal learners reach: VDN") for line in lines)
-    monkeypatch.setenv("DNTSYNC_PROFILE", "conf/profiles/paper.yaml")
-    assert "paper-literal" not in report.build(cfg)
+    monkeypatch.setenv("DNTSYNC_PROFILE", "paper")  # the profile's stem, as `dntsync pipeline` sets it
+    built = report.build(cfg)
+    assert "paper-literal" not in built
+    header = next(line for line in built.splitlines() if line.startswith("| claim (paper)"))
+    assert "the `paper` profile's learner" in header and "default learner" not in header
 
 
 def test_offsets_search_refits_the_runs_own_upload_offsets(project, tmp_path):
@@ -223,6 +226,22 @@ def test_retry_rules_play_against_the_runs_heuristic_and_retry_a_failed_upload(p
         last_ok = np.where(result.outcome.upload_ok, t, last_ok)
         obs = result.obs
     assert failed > 0  # the replay met failed uploads, which the rule retried
+
+
+def test_fit_timing_fits_the_runs_offsets_alone_and_together_to_the_same_record(project, tmp_path):
+    """scripts/fit_timing.py: the run's own fit of its Fig. 3 VDN model, with the starts played
+    one at a time and together; the script itself fails if the two records differ."""
+    rows_file = tmp_path / "fits.json"
+    out = subprocess.run([sys.executable, str(REPO_ROOT / "scripts/fit_timing.py"), "--repeats", "1",
+                          "--out", str(rows_file)], cwd=project, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    (row,) = json.loads(rows_file.read_text())["rows"]
+    run = json.loads((project / "metrics/marl/marl_vdn_seed0.json").read_text())
+    assert row["setting"] == "fig3" and row["validation_plays"] == run["upload_offsets"]["validation_plays"]
+    assert len(row["alone_s"]) == len(row["together_s"]) == 1 and row["ratio"] > 0
+    bad = subprocess.run([sys.executable, str(REPO_ROOT / "scripts/fit_timing.py"), "--settings", "fig9"],
+                         cwd=project, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "unknown" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_retry_offsets_at_force_play_the_retry_rule_through_the_learner(project, tmp_path, monkeypatch):

@@ -316,7 +316,9 @@ def build(cfg: Config) -> str:
              "Spreads are standard deviations over training seeds; VDN-vs-IQL gains pair the "
              "seeds by index.", "",
              "## The paper's claims beside ours", ""]
-    learners = [("default learner", claims(twin, marl, fig4, fig5, fig6))]
+    profile = os.environ.get("DNTSYNC_PROFILE")  # `dntsync pipeline --profile`: its stem
+    mine = f"the `{profile}` profile's learner" if profile else "default learner"
+    learners = [(mine, claims(twin, marl, fig4, fig5, fig6))]
     paper = paper_results(cfg)
     if paper is not None:
         learners.append(("paper-literal learner", claims(*paper)))
