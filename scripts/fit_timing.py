@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -85,7 +86,7 @@ def main() -> int:
                "ratio": statistics.median(times[default]) / statistics.median(times[1])}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    write_json(args.out, {"command": " ".join(sys.argv), "rows": rows})
+    write_json(args.out, {"command": shlex.join(sys.argv), "rows": rows})
     return 0
 
 
