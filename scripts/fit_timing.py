@@ -37,16 +37,14 @@ from offsets_search import settings  # scripts/: the Fig. 3 setting and every sw
 torch.set_num_threads(1)
 
 
-def fit(cfg, model: Path, together: int) -> tuple[dict, float]:
+def fit(cfg, model: Path, validation: Evaluation, together: int) -> tuple[dict, float]:
     """The fit's record and its wall time with `together` starts per play."""
     learner, _ = load_q_networks(model, cfg)
     learner.upload_offsets.zero_()
     if learner.retry is not None:
         learner.retry_offsets.zero_()
         learner.retry_head_start.zero_()
-    predictor, _ = build_predictor(cfg)
     uo = cfg.marl.upload_offsets
-    validation = Evaluation(cfg.scenario, predictor, uo.episodes, uo.seed, **cfg.env.observation_options())
     offsets.PLAYED_TOGETHER = together
     started = time.perf_counter()
     record = offsets.fit_upload_offsets(learner, validation, uo.grid, uo.passes, uo.phases, uo.periods,
@@ -72,11 +70,14 @@ def main() -> int:
         model = RunPaths.of(cfg, "vdn", args.seed).model
         if not model.is_file():
             raise SystemExit(f"{model} does not exist: run `make run` here first")
+        uo = cfg.marl.upload_offsets
+        validation = Evaluation(cfg.scenario, build_predictor(cfg)[0], uo.episodes, uo.seed,
+                                **cfg.env.observation_options())
         times: dict[int, list[float]] = {1: [], default: []}
         records = []
         for _ in range(args.repeats):
             for together in times:
-                record, seconds = fit(cfg, model, together)
+                record, seconds = fit(cfg, model, validation, together)
                 times[together].append(seconds)
                 records.append(record)
         if any(r != records[0] for r in records):
