@@ -244,6 +244,32 @@ def test_fit_timing_fits_the_runs_offsets_alone_and_together_to_the_same_record(
     assert bad.returncode != 0 and "unknown" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_profile_run_splits_a_learner_run_into_its_parts_without_touching_the_runs_files(project, tmp_path):
+    """scripts/profile_run.py: a warm-up run, then the profiled one, both in the scratch folder;
+    the parts add up to the profiled total, the TD updates and the collection take time, and
+    the run's own records are left as they were. An unknown setting fails in one line."""
+    record = project / "metrics/marl/marl_vdn_seed0.json"
+    before = record.read_bytes()
+    out_file = tmp_path / "profile.json"
+    out = subprocess.run([sys.executable, str(REPO_ROOT / "scripts/profile_run.py"), "--scratch",
+                          str(tmp_path / "scratch"), "--out", str(out_file)],
+                         cwd=project, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    got = json.loads(out_file.read_text())
+    parts = got["parts_s"]
+    assert set(parts) == {"TD updates", "collecting episodes", "fit: upload offsets",
+                          "fit: association slope", "fit: serve covered", "the rest"}
+    assert math.isclose(sum(parts.values()), got["total_s"], rel_tol=1e-9)
+    assert parts["TD updates"] > 0 and parts["collecting episodes"] > 0 and parts["the rest"] >= 0
+    assert 0 < got["details_s"]["TD loss (forward)"] < parts["TD updates"]
+    assert math.isfinite(got["team_reward"]) and "TD updates" in out.stdout
+    assert (tmp_path / "scratch/metrics/marl_vdn_seed0.json").is_file()
+    assert record.read_bytes() == before
+    bad = subprocess.run([sys.executable, str(REPO_ROOT / "scripts/profile_run.py"), "--setting", "fig9"],
+                         cwd=project, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "unknown" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_retry_offsets_at_force_play_the_retry_rule_through_the_learner(project, tmp_path, monkeypatch):
     """scripts/retry_offsets.py: its rows carry the run's own fit, the walk never scores below
     its start on the validation episodes, and a retry start at +-force played through a saved
